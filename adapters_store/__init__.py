@@ -1,0 +1,29 @@
+"""adapters_store: the artifact store and registry of skills, adapters and datasets (fsspec)."""
+
+from .store import (
+    MANIFEST,
+    ArtifactConflict,
+    ArtifactNotFound,
+    ArtifactStore,
+    ChecksumMismatch,
+    DatasetInfo,
+    InvalidName,
+    Staging,
+    StoreError,
+    check_name,
+    sha256_file,
+)
+
+__all__ = [
+    "MANIFEST",
+    "ArtifactConflict",
+    "ArtifactNotFound",
+    "ArtifactStore",
+    "ChecksumMismatch",
+    "DatasetInfo",
+    "InvalidName",
+    "Staging",
+    "StoreError",
+    "check_name",
+    "sha256_file",
+]

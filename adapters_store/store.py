@@ -1,0 +1,295 @@
+"""The artifact store: skills, adapters and datasets over a local folder or S3 (fsspec).
+
+Layout (DESIGN §4):
+  skills/<skill>/manifest.json + sae/layers.<i>/{cfg.json, sae.safetensors}
+  adapters/<target>/<skill>/manifest.json + adapter_config.json + adapter_model.safetensors
+  datasets/<sha256>.jsonl
+
+The manifest is written last and lists the sha256 of every file: an artifact without a
+manifest does not exist, and every load checks the files against it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+KINDS = {"skill": ("skills", 1), "adapter": ("adapters", 2)}  # kind -> (folder, key parts)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(Exception):
+    """Base of every store error; the message names the artifact or file."""
+
+
+class ArtifactNotFound(StoreError):
+    pass
+
+
+class ArtifactConflict(StoreError):
+    pass
+
+
+class ChecksumMismatch(StoreError):
+    pass
+
+
+class InvalidName(StoreError, ValueError):
+    pass
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise InvalidName(
+            f"invalid {what} {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    id: str
+    sha256: str
+    rows: int
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ArtifactStore:
+    """One store, addressed by URL: `file:///abs/path`, `file://./rel`, a plain path, or `s3://bucket/prefix`."""
+
+    def __init__(self, url: str, *, cache_dir: Path | str | None = None, storage_options: dict | None = None):
+        self.url = url
+        protocol, path = _split_url(url)
+        self.fs = fsspec.filesystem(protocol, **(storage_options or {}))
+        self.local = protocol == "file"
+        if self.local:
+            path = str(Path(path).expanduser().resolve())
+            Path(path).mkdir(parents=True, exist_ok=True)
+        self.root = path.rstrip("/")
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "resa") / "store" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------ paths
+
+    def _prefix(self, kind: str, key: tuple[str, ...]) -> str:
+        folder, parts = KINDS[kind]
+        if len(key) != parts:
+            raise ValueError(f"{kind} key needs {parts} part(s), got {key!r}")
+        for part in key:
+            check_name(part, f"{kind} name" if parts == 1 else "name")
+        return "/".join((self.root, folder, *key))
+
+    def _exists(self, path: str) -> bool:
+        try:
+            return self.fs.exists(path)
+        except FileNotFoundError:
+            return False
+
+    # ------------------------------------------------------------ skills and adapters
+
+    def exists(self, kind: str, key: tuple[str, ...]) -> bool:
+        return self._exists(f"{self._prefix(kind, key)}/{MANIFEST}")
+
+    def commit(
+        self, kind: str, key: tuple[str, ...], local_dir: Path | str, manifest: dict[str, Any], *, replace: bool = False
+    ) -> dict[str, Any]:
+        """Upload every file under `local_dir`, then the manifest (with their sha256) last."""
+        local_dir = Path(local_dir)
+        prefix = self._prefix(kind, key)
+        if self.exists(kind, key):
+            if not replace:
+                raise ArtifactConflict(f"{kind} {'/'.join(key)!r} already exists (delete it first or ask to replace it)")
+            self.fs.rm(f"{prefix}/{MANIFEST}")  # the old artifact stops existing before its files change
+        if self._exists(prefix):
+            self.fs.rm(prefix, recursive=True)  # leftovers of an interrupted write, or the replaced artifact
+        files = {}
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            if rel == MANIFEST:
+                continue
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            self.fs.makedirs(f"{prefix}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(path), f"{prefix}/{rel}")
+        if not files:
+            raise StoreError(f"{kind} {'/'.join(key)!r}: nothing to commit in {local_dir}")
+        full = {**manifest, "kind": kind, "key": list(key), "format_version": FORMAT_VERSION, "created_at": _now(), "files": files}
+        self._write_manifest(prefix, full)
+        return full
+
+    def _write_manifest(self, prefix: str, manifest: dict) -> None:
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        tmp = f"{prefix}/.{MANIFEST}.{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, f"{prefix}/{MANIFEST}")  # a rename on local disks; an atomic PUT of a copy on S3
+
+    def manifest(self, kind: str, key: tuple[str, ...]) -> dict[str, Any]:
+        path = f"{self._prefix(kind, key)}/{MANIFEST}"
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"{kind} {'/'.join(key)!r} not found") from None
+        except json.JSONDecodeError as exc:
+            raise ChecksumMismatch(f"{kind} {'/'.join(key)!r}: {MANIFEST} is corrupt ({exc.msg})") from None
+
+    def list(self, kind: str) -> list[dict[str, Any]]:
+        folder, parts = KINDS[kind]
+        pattern = "/".join((self.root, folder, *("*" for _ in range(parts)), MANIFEST))
+        out = []
+        for path in sorted(self.fs.glob(pattern)):
+            key = tuple(path.rstrip("/").split("/")[-1 - parts : -1])
+            try:
+                out.append(self.manifest(kind, key))
+            except StoreError:
+                continue  # being written or corrupt: not listed
+        return out
+
+    def delete(self, kind: str, key: tuple[str, ...]) -> None:
+        prefix = self._prefix(kind, key)
+        if not self.exists(kind, key):
+            raise ArtifactNotFound(f"{kind} {'/'.join(key)!r} not found")
+        self.fs.rm(f"{prefix}/{MANIFEST}")
+        self.fs.rm(prefix, recursive=True)
+
+    def fetch(self, kind: str, key: tuple[str, ...]) -> Path:
+        """A local folder holding the artifact, every file verified against the manifest."""
+        manifest = self.manifest(kind, key)
+        prefix = self._prefix(kind, key)
+        if self.local:
+            folder = Path(prefix)
+        else:
+            folder = self.cache_dir / KINDS[kind][0] / Path(*key) / manifest["created_at"].replace(":", "")
+        for rel, meta in manifest["files"].items():
+            target = folder / rel
+            if not self.local and not (target.exists() and target.stat().st_size == meta["bytes"]):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+                try:
+                    self.fs.get_file(f"{prefix}/{rel}", str(tmp))
+                except FileNotFoundError:
+                    raise ChecksumMismatch(f"{kind} {'/'.join(key)!r}: file {rel} listed in the manifest is missing") from None
+                tmp.replace(target)
+            if not target.exists():
+                raise ChecksumMismatch(f"{kind} {'/'.join(key)!r}: file {rel} listed in the manifest is missing")
+            actual = sha256_file(target)
+            if actual != meta["sha256"]:
+                raise ChecksumMismatch(
+                    f"{kind} {'/'.join(key)!r}: checksum mismatch for {rel} (manifest {meta['sha256'][:12]}…, file {actual[:12]}…)"
+                )
+        return folder
+
+    # ------------------------------------------------------------ datasets (content-addressed)
+
+    def _dataset_path(self, sha: str) -> str:
+        if not SHA_RE.match(sha or ""):
+            raise ArtifactNotFound(f"dataset {sha!r} not found (ids are 64 hex characters)")
+        return f"{self.root}/datasets/{sha}.jsonl"
+
+    def put_dataset(self, jsonl: bytes, rows: int) -> DatasetInfo:
+        """Store normalized JSONL under its sha256; storing the same rows twice is a no-op."""
+        sha = hashlib.sha256(jsonl).hexdigest()
+        path = self._dataset_path(sha)
+        if not self._exists(path):
+            self.fs.makedirs(f"{self.root}/datasets", exist_ok=True)
+            tmp = f"{self.root}/datasets/.{sha}.{uuid.uuid4().hex}"
+            self.fs.pipe_file(tmp, jsonl)
+            self.fs.mv(tmp, path)
+        return DatasetInfo(id=sha, sha256=sha, rows=rows, bytes=len(jsonl))
+
+    def get_dataset(self, sha: str) -> bytes:
+        try:
+            data = self.fs.cat_file(self._dataset_path(sha))
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"dataset {sha!r} not found") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ChecksumMismatch(f"dataset {sha!r}: checksum mismatch for datasets/{sha}.jsonl")
+        return data
+
+    def dataset_info(self, sha: str) -> DatasetInfo:
+        data = self.get_dataset(sha)
+        return DatasetInfo(id=sha, sha256=sha, rows=data.count(b"\n"), bytes=len(data))
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        out = []
+        for path in sorted(self.fs.glob(f"{self.root}/datasets/*.jsonl")):
+            sha = path.rsplit("/", 1)[-1].removesuffix(".jsonl")
+            try:
+                out.append(self.dataset_info(sha))
+            except StoreError:
+                continue
+        return out
+
+    def delete_dataset(self, sha: str) -> None:
+        path = self._dataset_path(sha)
+        if not self._exists(path):
+            raise ArtifactNotFound(f"dataset {sha!r} not found")
+        self.fs.rm(path)
+
+    # ------------------------------------------------------------ health
+
+    def ping(self) -> bool:
+        try:
+            self.fs.ls(self.root, detail=False)
+            return True
+        except FileNotFoundError:
+            return True  # an empty S3 prefix is a reachable store
+        except Exception:
+            return False
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    if "://" not in url:
+        return "file", url
+    protocol, _, path = url.partition("://")
+    if protocol in ("file", "local"):
+        return "file", path
+    if protocol in ("s3", "s3a"):
+        return "s3", path
+    if protocol == "memory":
+        return "memory", "/" + path.lstrip("/")
+    raise StoreError(f"unsupported store URL {url!r} (use file://, s3:// or memory://)")
+
+
+@dataclass
+class Staging:
+    """A deterministic local folder where a job writes an artifact before committing it.
+
+    Same job key -> same folder, so a retried job resumes from its checkpoint instead of
+    starting over; the folder is removed once the artifact is committed.
+    """
+
+    root: Path
+
+    def folder(self, kind: str, *key: str) -> Path:
+        path = self.root / "staging" / kind / Path(*key)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clear(self, kind: str, *key: str) -> None:
+        shutil.rmtree(self.root / "staging" / kind / Path(*key), ignore_errors=True)
+

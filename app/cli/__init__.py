@@ -1,0 +1,53 @@
+"""The `resa` command line: one entry point, one module per verb under app/cli/.
+
+Each verb module defines NAME, HELP, ORDER, `register(parser)` and `run(args) -> int`.
+Bad input exits with status 2 and one line on stderr; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from adapters_store import StoreError
+
+
+def _verbs():
+    mods = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            mods.append(importlib.import_module(f"{__name__}.{info.name}"))
+    return sorted(mods, key=lambda m: (m.ORDER, m.NAME))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resa", description="Skill transfer with sparse autoencoders: extract, tune, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in _verbs():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.register(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from resa_engine.progress import Cancelled
+
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, StoreError, FileNotFoundError, PermissionError) as exc:
+        print(f"resa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled as exc:
+        print(f"resa {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"resa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""What CLI verbs share: the settings, the store, the registry, model loading and progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from app.settings import get_settings
+
+
+def store():
+    from adapters_store import ArtifactStore
+
+    s = get_settings()
+    return ArtifactStore(s.store_url, cache_dir=s.cache_dir)
+
+
+def registry():
+    from resa_engine.models import ModelRegistry
+
+    return ModelRegistry.load(get_settings().models_file)
+
+
+def load(name_or_path: str):
+    """A registered model name or a local path (the CLI accepts both)."""
+    from resa_engine.models import load_model
+
+    s = get_settings()
+    spec = registry().resolve(name_or_path, allow_path=True)
+    return load_model(spec, device=s.device, cache_dir=s.cache_dir)
+
+
+class ProgressBar:
+    """An engine progress callback drawn with tqdm, one bar per stage."""
+
+    def __init__(self, unit: str = "it"):
+        self.unit, self.bar, self.stage = unit, None, None
+
+    def __call__(self, p) -> None:
+        from tqdm import tqdm
+
+        if p.stage != self.stage:
+            self.close()
+            self.stage = p.stage
+            self.bar = tqdm(total=p.total, desc=p.stage, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        self.bar.n = p.step
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in p.metrics.items()}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,104 @@
+"""The one settings object of the service, read from `RESA_*` environment variables.
+
+Every field has a default that works on a laptop with no environment at all:
+a local store under ./data/store, an embedded Redis, the bundled model registry.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SCOPES = ("admin", "generate")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESA_", extra="ignore")
+
+    store_url: str = "file://./data/store"
+    """Artifact store root: `file://path` (relative paths resolve from the working dir) or `s3://bucket/prefix`."""
+
+    redis_url: str | None = None
+    """Redis for the job queue; unset means `resa serve` starts an embedded Redis and one local worker."""
+
+    models_file: Path | None = None
+    """TOML models registry that extends (and may override) the built-in one."""
+
+    api_keys: str = ""
+    """Comma-separated `key:scope` pairs, scope `admin` or `generate`; empty means local development mode."""
+
+    cache_dir: Path = Path.home() / ".cache" / "resa"
+    """Local cache: converted model weights, artifacts fetched from remote stores, job checkpoints."""
+
+    default_model: str = "smollm2-135m"
+    """Model loaded at start by the API (readiness waits for it); empty to load lazily."""
+
+    device: str | None = None
+    """Force a torch device (`cpu`, `cuda`, `cuda:1`); unset picks CUDA when present."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Largest request body accepted, in bytes (datasets included)."""
+
+    max_dataset_rows: int = 200_000
+    """Largest QA dataset accepted, in rows."""
+
+    max_prompt_tokens: int = 4096
+    """Longest prompt accepted for generation, in tokens."""
+
+    max_new_tokens: int = 2048
+    """Largest `max_tokens` a generation request may ask for."""
+
+    max_batch: int = 32
+    """Most sequences decoded together in one batch by the serving scheduler."""
+
+    max_tokens_in_flight: int = 65_536
+    """Cap on prompt + generated tokens held by running sequences at once."""
+
+    max_queue: int = 256
+    """Generation requests waiting beyond the running batch before new ones get 429."""
+
+    adapter_cache_size: int = 16
+    """Adapters kept loaded per served model (least recently used are evicted, never one in use)."""
+
+    job_timeout_s: int = 6 * 3600
+    """Wall-clock limit of one background job, in seconds."""
+
+    result_ttl_s: int = 7 * 24 * 3600
+    """How long finished and failed jobs (and their results) are kept in Redis, in seconds."""
+
+    queues: str = "resa"
+    """Comma-separated RQ queue names a worker listens on."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """API key -> scope."""
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [q.strip() for q in self.queues.split(",") if q.strip()]
+
+
+def parse_api_keys(value: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, scope = item.rpartition(":")
+        if not sep or not key or scope not in SCOPES:
+            raise ValueError(f"RESA_API_KEYS entry {item[:4]}… must be `key:scope` with scope in {SCOPES}")
+        keys[key] = scope
+    return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
