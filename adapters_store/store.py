@@ -122,25 +122,53 @@ class ArtifactStore:
         """Upload every file under `local_dir`, then the manifest (with their sha256) last."""
         local_dir = Path(local_dir)
         prefix = self._prefix(kind, key)
-        if self.exists(kind, key):
-            if not replace:
-                raise ArtifactConflict(f"{kind} {'/'.join(key)!r} already exists (delete it first or ask to replace it)")
-            self.fs.rm(f"{prefix}/{MANIFEST}")  # the old artifact stops existing before its files change
-        if self._exists(prefix):
-            self.fs.rm(prefix, recursive=True)  # leftovers of an interrupted write, or the replaced artifact
+        label = f"{kind} {'/'.join(key)!r}"
+        if self.exists(kind, key) and not replace:
+            raise ArtifactConflict(f"{label} already exists (delete it first or ask to replace it)")
         files = {}
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
-            if rel == MANIFEST:
-                continue
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            self.fs.makedirs(f"{prefix}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(path), f"{prefix}/{rel}")
+            if rel != MANIFEST:
+                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         if not files:
-            raise StoreError(f"{kind} {'/'.join(key)!r}: nothing to commit in {local_dir}")
+            raise StoreError(f"{label}: nothing to commit in {local_dir}")
         full = {**manifest, "kind": kind, "key": list(key), "format_version": FORMAT_VERSION, "created_at": _now(), "files": files}
+        if self.local:
+            self._commit_local(Path(prefix), local_dir, full, replace, label)
+            return full
+        if self.exists(kind, key):
+            self.fs.rm(f"{prefix}/{MANIFEST}")  # the old artifact stops existing before its files change
+        if self._exists(prefix):
+            self.fs.rm(prefix, recursive=True)  # leftovers of an interrupted write, or the replaced artifact
+        for rel in files:
+            self.fs.put_file(str(local_dir / rel), f"{prefix}/{rel}")
         self._write_manifest(prefix, full)
         return full
+
+    def _commit_local(self, target: Path, local_dir: Path, manifest: dict, replace: bool, label: str) -> None:
+        """Build the artifact in a private staging folder, then rename it into place in one step."""
+        staging_root = Path(self.root) / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staged = staging_root / uuid.uuid4().hex
+        try:
+            for rel in manifest["files"]:
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local_dir / rel, staged / rel)
+            self._write_manifest(str(staged), manifest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                if (target / MANIFEST).exists() and not replace:
+                    raise ArtifactConflict(f"{label} already exists (delete it first or ask to replace it)")
+                # the replaced artifact (or an old leftover) moves out of sight in one rename
+                target.rename(staging_root / f"{uuid.uuid4().hex}-old")
+            try:
+                staged.rename(target)
+            except OSError:  # another writer got there between our check and our rename
+                raise ArtifactConflict(f"{label} was created concurrently") from None
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+            for old in staging_root.glob("*-old"):
+                shutil.rmtree(old, ignore_errors=True)
 
     def _write_manifest(self, prefix: str, manifest: dict) -> None:
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()

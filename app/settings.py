@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     store_url: str = "file://./data/store"
     """Artifact store root: `file://path` (relative paths resolve from the working dir) or `s3://bucket/prefix`."""
 
+    store_options: dict = {}
+    """fsspec storage options as JSON, e.g. `{"client_kwargs": {"endpoint_url": "http://minio:9000"}}` for S3-compatible stores."""
+
     redis_url: str | None = None
     """Redis for the job queue; unset means `resa serve` starts an embedded Redis and one local worker."""
 
@@ -82,6 +85,12 @@ class Settings(BaseSettings):
     def keys(self) -> dict[str, str]:
         """API key -> scope."""
         return parse_api_keys(self.api_keys)
+
+    def open_store(self):
+        """The artifact store these settings name (the one way to get one)."""
+        from adapters_store import ArtifactStore
+
+        return ArtifactStore(self.store_url, cache_dir=self.cache_dir, storage_options=self.store_options)
 
     @property
     def queue_names(self) -> list[str]:

@@ -10,10 +10,7 @@ from app.settings import get_settings
 
 
 def store():
-    from adapters_store import ArtifactStore
-
-    s = get_settings()
-    return ArtifactStore(s.store_url, cache_dir=s.cache_dir)
+    return get_settings().open_store()
 
 
 def registry():

@@ -31,7 +31,7 @@ class TaskContext:
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kw) -> "TaskContext":
         settings = settings or get_settings()
-        return cls(settings=settings, store=ArtifactStore(settings.store_url, cache_dir=settings.cache_dir), **kw)
+        return cls(settings=settings, store=settings.open_store(), **kw)
 
     @property
     def registry(self):
