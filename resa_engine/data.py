@@ -46,12 +46,19 @@ class QARow:
         return json.dumps({"question": self.question, "answer": self.answer}, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+def resa_prompt(question: str) -> str:
+    """The Resa prompt up to the assistant's turn (no chat template); evaluation continues from here."""
+    return SYSTEM_PROMPT + f"User:\n {question}\n\nAssistant:\n"
+
+
+def resa_completion(answer: str) -> str:
+    """The trigger's assistant part: the verified answer stands in for the reasoning."""
+    return f" <think> {answer} </think>\n<answer> Answer: {answer}</answer>"
+
+
 def trigger_text(row: QARow) -> str:
-    """The text that triggers the skill: no chat template, the answer stands in for the reasoning."""
-    return (
-        SYSTEM_PROMPT
-        + f"User:\n {row.question}\n\nAssistant:\n <think> {row.answer} </think>\n<answer> Answer: {row.answer}</answer>"
-    )
+    """The text that triggers the skill (paper §3): prompt + completion, no chat template."""
+    return resa_prompt(row.question) + resa_completion(row.answer)
 
 
 def parse_qa_rows(records: Iterable[object], *, first_line: int = 1, max_rows: int = MAX_DATASET_ROWS) -> list[QARow]:

@@ -70,8 +70,9 @@ LatentEdit = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def sae_reconstruct(sae, x: Tensor) -> Tensor:
     """Encode -> TopK -> decode, in the SAE's dtype, returned in x's dtype."""
-    top_acts, top_indices, _ = sae.encode(x.to(sae.dtype))
-    return sae.decode(top_acts, top_indices).to(x.dtype)
+    flat = x.to(sae.dtype).reshape(-1, x.shape[-1])  # sparsify's encoder/decoder take [tokens, d_in]
+    top_acts, top_indices, _ = sae.encode(flat)
+    return sae.decode(top_acts, top_indices).view(x.shape).to(x.dtype)
 
 
 @contextmanager
@@ -95,7 +96,7 @@ def splice_sae(
     def hook(_module, _inputs, output):
         x = _hidden(output)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            h = x.to(sae.dtype)
+            h = x.to(sae.dtype).reshape(-1, x.shape[-1])  # sparsify's encoder/decoder take [tokens, d_in]
             top_acts, top_indices, _ = sae.encode(h)
             recon = sae.decode(top_acts, top_indices)
             if edit is not None:
@@ -103,7 +104,7 @@ def splice_sae(
                 recon = edited + (h - recon) if keep_error else edited
             elif keep_error:
                 recon = h
-            new = recon.to(x.dtype)
+            new = recon.view(x.shape).to(x.dtype)
         if rows is not None:
             new = torch.where(rows.view(-1, *([1] * (x.dim() - 1))), new, x)
         return _with_hidden(output, new)
