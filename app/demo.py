@@ -194,18 +194,20 @@ def run_demo(cfg: DemoConfig, workdir: Path, report_dir: Path) -> dict:
             done = client.wait_job(job["job"]["id"], f"tune {name}")
             times.append(StageTime(f"tune {name} -> {MODEL}", time.perf_counter() - t, _job_detail(done)))
 
-        evals = {}
-        arms = [("base", None), ("source", "demo-source")] + [(v, v) for v, _ in variants]
-        for arm, skill in arms:
+        # One eval job puts base, Resa and source side by side on the same held-out questions.
+        common = {"model": MODEL, "dataset": test_ds["id"], "samples": cfg.samples, "temperature": cfg.temperature,
+                  "max_tokens": cfg.max_tokens, "seed": cfg.seed}
+        t = time.perf_counter()
+        job = client.call("POST", "/evals", json={**common, "skill": "demo-resa", "source": {"model": MODEL, "adapter": "demo-source"}})
+        report = client.wait_job(job["job"]["id"], "eval base/source/resa")["result"]
+        times.append(StageTime("eval base + source + resa", time.perf_counter() - t))
+        evals = {"base": _accuracy(report["base"]), "source": _accuracy(report["source"]), "demo-resa": _accuracy(report["skill"])}
+        if cfg.self_variant:
             t = time.perf_counter()
-            body = {"model": MODEL, "dataset": test_ds["id"], "samples": cfg.samples, "temperature": cfg.temperature,
-                    "max_tokens": cfg.max_tokens, "seed": cfg.seed}
-            if skill:
-                body["skill"] = skill
-            job = client.call("POST", "/evals", json=body)
-            done = client.wait_job(job["job"]["id"], f"eval {arm}")
-            evals[arm] = _accuracy(done["result"])
-            times.append(StageTime(f"eval {arm}", time.perf_counter() - t))
+            job = client.call("POST", "/evals", json={**common, "skill": "demo-resa-self"})
+            report = client.wait_job(job["job"]["id"], "eval resa (source = target)")["result"]
+            times.append(StageTime("eval base + resa (source = target)", time.perf_counter() - t))
+            evals["demo-resa-self"] = _accuracy(report["skill"])
     finally:
         server.terminate()
         try:
@@ -248,10 +250,9 @@ def _job_detail(job: dict) -> dict:
     return keep
 
 
-def _accuracy(report: dict) -> dict:
-    """Pull accuracy and its 95% interval out of an eval job's report."""
-    arm = report.get("skill") or report.get("base") or report
-    return {"acc": arm["accuracy"], "ci95": arm.get("ci95") or arm.get("interval"), "n": arm.get("n")}
+def _accuracy(arm: dict) -> dict:
+    """Accuracy, its 95% interval and the sample count of one arm of an eval report."""
+    return {"acc": arm["accuracy"], "ci95": arm["ci95"], "n": arm["total"]}
 
 
 def _summarise(cfg: DemoConfig, evals: dict, times: list[StageTime], total_s: float) -> dict:

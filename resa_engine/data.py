@@ -12,9 +12,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The Resa system prompt, verbatim from the authors' code.
 SYSTEM_PROMPT = (
@@ -203,6 +204,8 @@ class TriggerDataset:
             raise DatasetError(
                 f"dataset too small: {len(stream)} tokens from {len(rows)} rows do not fill one chunk of {chunk_len} tokens"
             )
+        import torch
+
         chunks = torch.tensor(stream[: n_chunks * chunk_len], dtype=torch.long).view(n_chunks, chunk_len)
         return cls(chunks=chunks, chunk_len=chunk_len, n_rows=len(rows))
 
@@ -221,6 +224,8 @@ class TriggerDataset:
 
 def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """True where a token is BOS/EOS/PAD: high-norm positions kept out of SAE training."""
+    import torch
+
     specials = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
     for t in specials:

@@ -20,10 +20,11 @@ import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads only when a model does: the API's enqueue path stays light
+    import torch
+    from torch import nn
 
 DEFAULT_REGISTRY = Path(__file__).with_name("models.toml")
 
@@ -151,6 +152,8 @@ def _read_registry(path: Path) -> dict[str, ModelSpec]:
 
 def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
     """CUDA when present (bf16), else CPU (fp32); `device` forces one."""
+    import torch
+
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device cuda requested but CUDA is not available")
@@ -308,6 +311,8 @@ class LoadedModel:
 
 def decoder_layers(model: Any) -> nn.ModuleList:
     """The decoder blocks of a Llama-, Qwen2-, Mistral- or Gemma-style causal LM."""
+    from torch import nn
+
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"architecture {model_type!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -323,6 +328,7 @@ _convert_lock = threading.Lock()
 
 def _gguf_to_safetensors(folder: Path, gguf_file: str, sha: str, cache_dir: Path) -> Path:
     """De-quantize a GGUF once into a cached safetensors folder; later loads skip the conversion."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir / "models" / sha[:24]

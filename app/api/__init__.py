@@ -1,0 +1,1 @@
+"""The HTTP API: schemas, dependencies, errors, middleware and one router per resource."""

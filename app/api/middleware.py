@@ -1,0 +1,104 @@
+"""ASGI middleware: request ids, request metrics, and the request body size limit.
+
+Pure ASGI (no BaseHTTPMiddleware) so streaming responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from starlette.exceptions import HTTPException
+
+from app.api.errors import error_body
+
+log = logging.getLogger("resa.api")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class RequestContext:
+    """Gives every request an id (a sane incoming X-Request-ID, else a new one), echoes it in
+    the response, logs the request, and records route/status/latency metrics."""
+
+    def __init__(self, app: ASGIApp, metrics=None):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        rid = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - t0
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            if self.metrics is not None:
+                self.metrics.observe_request(scope["method"], path, status["code"], elapsed)
+            if path not in ("/livez", "/readyz", "/metrics"):
+                log.info("%s %s -> %s in %.1f ms [%s]", scope["method"], scope["path"], status["code"], elapsed * 1000, rid)
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413 in the API's error shape.
+
+    A declared Content-Length over the limit is refused before reading; a chunked body is
+    counted as it streams and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared > self.max_bytes:
+                return await self._refuse(scope, send, declared)
+        seen = {"bytes": 0}
+
+        async def limited() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["bytes"] += len(message.get("body", b""))
+                if seen["bytes"] > self.max_bytes:
+                    # Starlette's HTTPException: FastAPI re-raises it from body parsing (anything
+                    # else would become a 400), and the error handlers give it the usual shape.
+                    raise HTTPException(413, f"request body is over the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
+        import json
+
+        rid = scope.get("state", {}).get("request_id")
+        body = error_body("body_too_large", f"request body of {size} bytes is over the limit of {self.max_bytes} bytes")
+        if rid:
+            body["error"]["request_id"] = rid
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
