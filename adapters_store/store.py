@@ -285,7 +285,7 @@ class ArtifactStore:
             self.fs.ls(self.root, detail=False)
             return True
         except FileNotFoundError:
-            return True  # an empty S3 prefix is a reachable store
+            return not self.local  # an empty S3 prefix is a reachable store; a vanished local root (lost volume) is not
         except Exception:
             return False
 

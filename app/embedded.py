@@ -4,6 +4,10 @@ redis-server and one local job worker, started together and stopped together.
 Redis listens on a unix socket under cache_dir (or, when that path is too long for a
 socket, a free loopback port) with its data in cache_dir/redis, so job history survives
 a restart. The worker is `resa worker` in a child process that exits if `resa serve` dies.
+
+Shutdown order: the worker is told to stop as soon as `resa serve` is (its running job
+checkpoints and goes back to the queue while the API drains its requests), then Redis
+stops last, so the worker can record how its job ended.
 """
 
 from __future__ import annotations
@@ -114,22 +118,38 @@ class LocalWorker:
 
     env: dict
     log_path: Path
+    drain_timeout_s: float = 20.0
     proc: subprocess.Popen | None = None
     _log: object = field(default=None, repr=False)
+    _asked: bool = field(default=False, repr=False)
 
     def start(self) -> "LocalWorker":
         self._log = open(self.log_path, "ab")
         cmd = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))", "worker", "--exit-with-parent"]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        # Own session: a terminal's Ctrl+C reaches only `resa serve`, which stops the worker in order (below).
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+        )
         log.info("local worker started (pid %s, log %s)", self.proc.pid, self.log_path)
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Warm shutdown first (SIGTERM), then a cold one (a second SIGTERM kills the running job), then SIGKILL."""
+    def begin_stop(self) -> None:
+        """SIGTERM, without waiting: the worker asks its running job to checkpoint and stop."""
+        if self.proc is not None and self.proc.poll() is None and not self._asked:
+            self._asked = True
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """SIGTERM (the job checkpoints and is re-queued, or is killed after the drain timeout), then a
+        second SIGTERM (kill the job now), then SIGKILL; each step waits a bounded time."""
         if self.proc is not None and self.proc.poll() is None:
-            for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            self.begin_stop()
+            steps = ((None, self.drain_timeout_s + 15.0), (signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0))
+            for sig, wait_s in steps:
                 try:
-                    self.proc.send_signal(sig)
+                    if sig is not None:
+                        log.warning("local worker still running; sending %s", signal.Signals(sig).name)
+                        self.proc.send_signal(sig)
                     self.proc.wait(wait_s)
                     break
                 except subprocess.TimeoutExpired:
@@ -142,8 +162,9 @@ class LocalWorker:
 class EmbeddedServices:
     """Context manager: Redis and one worker up on enter (RESA_REDIS_URL set for this process), down on exit."""
 
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, drain_timeout_s: float = 20.0):
         self.cache_dir = Path(cache_dir)
+        self.drain_timeout_s = drain_timeout_s
         self.redis = EmbeddedRedis(self.cache_dir / "redis")
         self.worker: LocalWorker | None = None
 
@@ -151,7 +172,7 @@ class EmbeddedServices:
         self.redis.start()
         os.environ["RESA_REDIS_URL"] = self.redis.url
         try:
-            self.worker = LocalWorker(dict(os.environ), self.cache_dir / "redis" / "worker.log").start()
+            self.worker = LocalWorker(dict(os.environ), self.cache_dir / "redis" / "worker.log", self.drain_timeout_s).start()
         except BaseException:
             self.redis.stop()
             raise
@@ -160,6 +181,11 @@ class EmbeddedServices:
     @property
     def url(self) -> str:
         return self.redis.url
+
+    def begin_stop(self) -> None:
+        """The server got a stop signal: let the worker start checkpointing while requests drain."""
+        if self.worker is not None:
+            self.worker.begin_stop()
 
     def __exit__(self, *exc) -> None:
         try:

@@ -11,7 +11,12 @@ One job API for every long task (extract, tune, eval):
   cancelled, with the reason, when its parent fails or is cancelled;
 - a job whose worker dies is noticed by the worker's missing heartbeats and failed through
   RQ's abandoned-job handling ("worker died"); checkpoints live in deterministic staging
-  folders, so the same request submitted again resumes instead of starting over.
+  folders, so the same request submitted again resumes instead of starting over;
+- a worker told to stop (SIGTERM/SIGINT) asks its running job to stop through the same
+  `should_stop` path: the task saves its checkpoint and the job goes back to the front of
+  the queue ("worker shut down; resumable from checkpoint"); a job that does not stop
+  within the drain timeout is killed and failed with that reason. Heartbeats ride out a
+  Redis restart.
 
 Nothing here imports torch: the API enqueues without it, the task imports it in the worker.
 """
@@ -23,6 +28,8 @@ import json
 import logging
 import math
 import os
+import re
+import signal
 import socket
 import threading
 import time
@@ -38,10 +45,14 @@ from rq.callbacks import Callback
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.job import Retry as JobRetry
 from rq.registry import DeferredJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
+from rq.utils import now
+from rq.worker import SpawnWorker
 
+from app.logging import configure_logging, job_id_var
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("resa.jobs")
@@ -57,6 +68,7 @@ STATES = ("queued", "started", "finished", "failed", "canceled")
 TERMINAL = frozenset({"finished", "failed", "canceled"})
 
 JOB_FUNC = "app.jobs.run_job"
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 INDEX_KEY = "resa:jobs"  # zset of job ids scored by submission time: the listing index
 BUILDING_KEY = "resa:building"  # hash "skill/<name>" | "adapter/<target>/<skill>" -> job id
 HEARTBEAT_S = 2
@@ -66,6 +78,11 @@ ABANDONED_AFTER_S = 12
 CANCEL_GRACE_S = 30
 """A running job that ignores its cancel flag this long is stopped by killing its process."""
 STOP_POLL_S = 0.5
+JOB_STOP_SIGNAL = signal.SIGUSR1
+"""What a worker sends its work horse to make the running task stop at its next step (shutdown)."""
+SHUTDOWN_REASON = "worker shut down; resumable from checkpoint"
+MAX_SHUTDOWN_REQUEUES = 5
+"""A job interrupted by this many worker shutdowns in a row fails (with SHUTDOWN_REASON) instead of going back to the queue."""
 PROGRESS_MIN_INTERVAL_S = 0.5
 
 
@@ -129,14 +146,31 @@ class MetaProgress:
             log.warning("job %s: cannot save progress: %s", self.job.id, exc)
 
 
+_SHUTDOWN = threading.Event()  # set in the work horse when its worker is shutting down
+
+
+def _on_stop_signal(signum, frame) -> None:
+    _SHUTDOWN.set()
+
+
 class CancelFlag:
-    """`should_stop` for the engine: True once `resa:cancel:<id>` is set (checked at most every STOP_POLL_S)."""
+    """`should_stop` for the engine: True once `resa:cancel:<id>` is set (checked at most every STOP_POLL_S)
+    or once the worker running the job asked it to stop because it is shutting down."""
 
     def __init__(self, connection: redis.Redis, job_id: str, poll_s: float = STOP_POLL_S):
         self.connection, self.key, self.poll_s = connection, cancel_key(job_id), poll_s
         self._checked, self._value = 0.0, False
 
     def __call__(self) -> bool:
+        return self.shutdown() or self.requested()
+
+    @staticmethod
+    def shutdown() -> bool:
+        """The worker is shutting down (no Redis needed: it comes as a signal)."""
+        return _SHUTDOWN.is_set()
+
+    def requested(self) -> bool:
+        """Someone asked to cancel this job (DELETE /jobs/{id})."""
         now = time.monotonic()
         if not self._value and now - self._checked >= self.poll_s:
             self._checked = now
@@ -145,6 +179,13 @@ class CancelFlag:
             except redis.RedisError:
                 pass
         return self._value
+
+    def requested_now(self) -> bool:
+        """`requested()` without the poll interval; a Redis error counts as no."""
+        try:
+            return bool(self.connection.exists(self.key))
+        except redis.RedisError:
+            return False
 
     def reason(self) -> str:
         try:
@@ -191,31 +232,71 @@ def run_job(kind: str, params: dict, task: str | None = None) -> dict:
     job = get_current_job()
     if job is None:
         raise RuntimeError("run_job must run inside an RQ worker")
+    settings = get_settings()
+    configure_logging(settings.log_json, settings.log_level)  # a fresh process: its lines carry the job id
+    token = job_id_var.set(job.id)
+    previous = _catch_stop_signal()
     watch = WorkerWatch()
     watch.start()
     job.meta["process"] = {"pid": os.getpid(), "host": socket.gethostname()}
     _save_meta_quietly(job)
     stop = CancelFlag(job.connection, job.id)
+    log.info("job %s (%s) started", job.id, kind, extra={"kind": kind, "pid": os.getpid()})
     try:
         fn = _import(task or TASKS[kind])
-        ctx = TaskContext.from_settings(get_settings(), progress=MetaProgress(job), should_stop=stop, job_id=job.id)
+        ctx = TaskContext.from_settings(settings, progress=MetaProgress(job), should_stop=stop, job_id=job.id)
         ctx.allow_paths = False
         result = fn(params, ctx)
+        log.info("job %s (%s) finished", job.id, kind, extra={"kind": kind})
         # The result is stored with the JSON serializer: make sure it is plain JSON now.
         return json.loads(json.dumps(result if result is not None else {}, default=str))
     except Cancelled as exc:
+        if stop.shutdown() and not stop.requested_now():
+            return _requeue_after_shutdown(job, exc)
         job.meta["canceled"] = {"reason": stop.reason(), "detail": str(exc), "at": _iso(_now())}
         _save_meta_quietly(job)
+        log.info("job %s (%s) canceled: %s", job.id, kind, job.meta["canceled"]["reason"], extra={"kind": kind})
         raise
     except BaseException as exc:
-        if stop():
+        if stop.requested():
             job.meta["canceled"] = {"reason": stop.reason(), "detail": str(exc), "at": _iso(_now())}
         else:
             job.meta["error"] = _error_from_exception(exc)
         _save_meta_quietly(job)
+        log.warning("job %s (%s) failed: %s", job.id, kind, exc, extra={"kind": kind})
         raise
     finally:
         watch.stop()
+        if previous is not None:
+            signal.signal(JOB_STOP_SIGNAL, previous)
+        job_id_var.reset(token)
+
+
+def _catch_stop_signal():
+    """Make JOB_STOP_SIGNAL set the shutdown flag (the worker starts horses with it ignored, so one
+    sent before this point is lost; the worker repeats it). Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(JOB_STOP_SIGNAL, _on_stop_signal)
+
+
+class JobInterrupted(RuntimeError):
+    """The job was stopped by worker shutdowns more often than MAX_SHUTDOWN_REQUEUES."""
+
+
+def _requeue_after_shutdown(job: Job, exc: BaseException) -> JobRetry:
+    """The task stopped at a step boundary and saved its checkpoint because its worker is shutting
+    down: put the job back at the front of the queue (RQ's Retry result), so the next worker
+    resumes it; dependents keep waiting. After MAX_SHUTDOWN_REQUEUES interruptions it fails instead."""
+    count = int((job.meta.get("interrupted") or {}).get("count", 0)) + 1
+    job.meta["interrupted"] = {"reason": SHUTDOWN_REASON, "detail": str(exc), "at": _iso(_now()), "count": count}
+    if count > MAX_SHUTDOWN_REQUEUES:
+        job.meta["error"] = {"type": "worker_shutdown", "message": f"{SHUTDOWN_REASON} (interrupted {count} times; submit it again)"}
+        _save_meta_quietly(job)
+        raise JobInterrupted(job.meta["error"]["message"]) from exc
+    _save_meta_quietly(job)
+    log.warning("job %s: %s; back in the queue (%s)", job.id, SHUTDOWN_REASON, exc, extra={"interruptions": count})
+    return JobRetry(max=MAX_SHUTDOWN_REQUEUES, enqueue_at_front=True)
 
 
 def _save_meta_quietly(job: Job) -> None:
@@ -393,7 +474,7 @@ class JobQueue:
         json.dumps(params)  # JSON or nothing: fail here, not in the worker
         parents = [depends_on] if isinstance(depends_on, str) else list(depends_on or [])
         s = self.settings
-        failure_ttl = int(getattr(s, "failure_ttl_s", s.result_ttl_s))
+        failure_ttl = int(getattr(s, "failure_ttl_s", None) or s.result_ttl_s)
         job = self.queue.create_job(
             JOB_FUNC,
             args=[kind, params, task],
@@ -459,7 +540,7 @@ class JobQueue:
     # ------------------------------------------------------------ read
 
     def fetch(self, job_id: str) -> Job:
-        if not job_id or len(job_id) > 100 or not all(c.isalnum() or c in "-_" for c in job_id):
+        if not JOB_ID_RE.match(job_id or ""):  # RQ accepts ASCII only ("¾" is alphanumeric to str.isalnum)
             raise JobNotFound(f"job {job_id!r} not found")
         try:
             return Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
@@ -673,6 +754,96 @@ def cancel_dependents(connection: redis.Redis, job: Job, reason: str) -> list[st
 # ---------------------------------------------------------------- the worker
 
 
+class ResaWorker(SpawnWorker):
+    """A SpawnWorker whose shutdown checkpoints the running job instead of waiting for it to end.
+
+    First SIGTERM/SIGINT (RQ's warm shutdown): the work horse gets JOB_STOP_SIGNAL (repeated
+    at every heartbeat), its task stops at its next step after saving its checkpoint, and
+    run_job puts the job back in the queue. A job still running `drain_timeout_s` later is
+    killed and failed with the reason; a second signal does that at the next heartbeat.
+    Heartbeats that fail because Redis is down are skipped, not fatal: the job keeps running
+    and is heartbeated again once Redis is back.
+    """
+
+    def __init__(self, *args, drain_timeout_s: float = 20.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drain_timeout_s = drain_timeout_s
+        self._drain_deadline: float | None = None
+        self._stop_signals = 0
+
+    def execute_job(self, job: Job, queue: Queue):
+        token = job_id_var.set(job.id)
+        try:
+            return super().execute_job(job, queue)
+        finally:
+            job_id_var.reset(token)
+
+    def main_work_horse(self, job: Job, queue: Queue):
+        """The job process: its log lines, RQ's included, are the service's and carry the job id."""
+        settings = get_settings()
+        configure_logging(settings.log_json, settings.log_level)
+        job_id_var.set(job.id)
+        return super().main_work_horse(job, queue)
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        self._stop_signals += 1
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.drain_timeout_s
+        if self.horse_pid:
+            log.info("worker shutting down: asking the running job to checkpoint and stop (drain timeout %g s)", self.drain_timeout_s)
+            self._signal_horse()
+
+    def request_force_stop(self, signum, frame) -> None:
+        """Second signal: kill the running job at the next heartbeat (failed, with the reason); a third one exits now."""
+        if self._shutdown_requested_date and (now() - self._shutdown_requested_date).total_seconds() < 1:
+            return  # one keypress can arrive twice (terminal and process group)
+        self._stop_signals += 1
+        if self.horse_pid and self._stop_signals == 2:
+            log.warning("second stop signal: the running job is killed at the next heartbeat")
+            self._drain_deadline = time.monotonic()
+            return
+        super().request_force_stop(signum, frame)
+
+    def maintain_heartbeats(self, job: Job, execution) -> None:
+        if self._drain_deadline is not None and self.horse_pid:
+            if time.monotonic() >= self._drain_deadline:
+                self._kill_for_shutdown(job)
+            else:
+                self._signal_horse()  # again: a horse still starting up had the signal ignored
+        try:
+            super().maintain_heartbeats(job, execution)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("cannot heartbeat job %s, Redis unreachable (%s); the job goes on", job.id, exc)
+
+    def set_shutdown_requested_date(self) -> None:
+        try:  # bookkeeping only: a shutdown must not fail because Redis is down
+            super().set_shutdown_requested_date()
+        except redis.RedisError as exc:
+            log.warning("cannot record the shutdown request in Redis: %s", exc)
+
+    def _signal_horse(self) -> None:
+        try:
+            os.kill(self.horse_pid, JOB_STOP_SIGNAL)
+        except ProcessLookupError:
+            pass
+
+    def _kill_for_shutdown(self, job: Job) -> None:
+        message = (
+            f"{SHUTDOWN_REASON}: the job did not stop within the drain timeout ({self.drain_timeout_s:g} s) "
+            "and was killed; submit it again to resume from its last checkpoint"
+        )
+        log.warning("job %s: %s", job.id, message)
+        try:
+            job.get_meta(refresh=True)
+            job.meta["error"] = {"type": "worker_shutdown", "message": message, "worker": self.name}
+            job.save_meta()
+        except redis.RedisError as exc:
+            log.warning("job %s: cannot record why it was killed: %s", job.id, exc)
+        self.kill_horse()  # SIGKILL; RQ then fails the job ("work-horse terminated") and the meta says why
+        self._drain_deadline = float("inf")
+
+
 def run_worker(
     settings: Settings | None = None,
     *,
@@ -682,30 +853,32 @@ def run_worker(
     exit_with_parent: bool = False,
     job_monitoring_interval: int = HEARTBEAT_S,
 ) -> bool:
-    """Run a SpawnWorker (one fresh process per job) until stopped; True if it ran any job."""
-    from rq.worker import SpawnWorker
-
+    """Run a ResaWorker (one fresh process per job) until stopped; True if it ran any job."""
     settings = settings or get_settings()
     if not settings.redis_url:
         raise ValueError("RESA_REDIS_URL is required for a worker (resa serve starts its own when unset)")
     connection = redis.Redis.from_url(settings.redis_url)
     connection.ping()
-    worker = SpawnWorker(
+    worker = ResaWorker(
         queues or settings.queue_names,
         connection=connection,
         name=name,
         serializer=JSONSerializer,
         default_result_ttl=int(settings.result_ttl_s),
         job_monitoring_interval=job_monitoring_interval,
+        drain_timeout_s=float(settings.drain_timeout_s),
     )
     if exit_with_parent:
         _exit_with_parent()
+    # Horses inherit an ignored JOB_STOP_SIGNAL until run_job catches it: a stop request that
+    # arrives while a horse starts up is lost (and repeated), never fatal.
+    signal.signal(JOB_STOP_SIGNAL, signal.SIG_IGN)
     # Supervision also runs here, so a deployment of workers without an API still fails
     # dead jobs and releases the dependents of failed ones.
     supervisor = Supervisor(JobQueue(connection, settings), queue_names=worker.queue_names())
     supervisor.start()
     try:
-        return worker.work(burst=burst, logging_level="INFO")
+        return worker.work(burst=burst, logging_level=settings.log_level.upper())
     finally:
         supervisor.stop()
 

@@ -17,8 +17,10 @@ from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.middleware import BodyLimit, RequestContext
 from app.api.routes import adapters, datasets, evals, generate, jobs, models, probes, skills
+from app.api.routes import transparency
 from app.generation import GenerationService, ModelCatalog
 from app.jobs import JobQueue, connect
+from app.logging import configure_logging
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("resa.api")
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
     """The service. `load_default_model`: start loading settings.default_model at startup;
     `supervise`: periodically fail dead jobs and release dependents of failed ones."""
     settings = settings or get_settings()
+    configure_logging(settings.log_json, settings.log_level)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
 
     for module in (probes, models, datasets, skills, adapters, jobs, evals, generate):
         app.include_router(module.router)
+    app.include_router(transparency.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: every response gets an id

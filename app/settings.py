@@ -96,6 +96,24 @@ class Settings(BaseSettings):
     def queue_names(self) -> list[str]:
         return [q.strip() for q in self.queues.split(",") if q.strip()]
 
+    log_json: bool = True
+    """Log one JSON object per line (ts, level, logger, msg, request_id, job_id, extra fields); false: plain text."""
+
+    log_level: str = "INFO"
+    """Lowest level logged: DEBUG, INFO, WARNING, ERROR or CRITICAL (`resa serve --log-level` overrides it)."""
+
+    host: str = "127.0.0.1"
+    """Interface `resa serve` listens on (0.0.0.0 in a container); `--host` overrides it."""
+
+    port: int = 8000
+    """TCP port `resa serve` listens on; `--port` overrides it."""
+
+    failure_ttl_s: int | None = None
+    """How long failed jobs (and why they failed) are kept in Redis, in seconds; unset: result_ttl_s."""
+
+    drain_timeout_s: float = 20.0
+    """On SIGTERM/SIGINT, how long in-flight requests, and a worker's running job, get to finish or checkpoint, in seconds."""
+
 
 def parse_api_keys(value: str) -> dict[str, str]:
     keys: dict[str, str] = {}

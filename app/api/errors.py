@@ -102,7 +102,11 @@ def as_api_error(exc: BaseException) -> ApiError | None:
     if isinstance(exc, InvalidName):
         return Invalid(str(exc), type="invalid_name")
     if isinstance(exc, ChecksumMismatch):
-        return ApiError(str(exc), type="artifact_corrupt", status=500)
+        # 409, not 5xx: the request is fine and the server is healthy, but the artifact it names is
+        # in a state that cannot serve it (a file no longer matches its manifest) until an operator
+        # replaces it. A 503 would make clients and gateways retry, and could take a healthy replica
+        # out of rotation; 422 would blame the request. The message names the artifact and the file.
+        return Conflict(str(exc), type="artifact_corrupt")
     if isinstance(exc, StoreError):
         return ApiError(str(exc), type="store_error", status=500)
     # Engine errors, matched without importing the engine (and torch) here: if one was
@@ -143,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if api is None:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             api = ApiError("internal server error")
-        elif api.status >= 500 and api.status != 503:
+        elif (api.status >= 500 and api.status != 503) or api.type == "artifact_corrupt":  # operators must see these
             log.error("%s on %s %s: %s", api.type, request.method, request.url.path, api.message)
         return error_response(request, api.status, api.type, api.message, headers=api.headers, **api.extra)
 

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.exceptions import HTTPException
 
 from app.api.errors import error_body
+from app.logging import request_id_var
 
 log = logging.getLogger("resa.api")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -33,6 +34,7 @@ class RequestContext:
         incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
         rid = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        token = request_id_var.set(rid)  # every log line of this request, in threads too, carries the id
         status = {"code": 500}
         t0 = time.perf_counter()
 
@@ -53,7 +55,12 @@ class RequestContext:
             if self.metrics is not None:
                 self.metrics.observe_request(scope["method"], path, status["code"], elapsed)
             if path not in ("/livez", "/readyz", "/metrics"):
-                log.info("%s %s -> %s in %.1f ms [%s]", scope["method"], scope["path"], status["code"], elapsed * 1000, rid)
+                log.info(
+                    "%s %s -> %s in %.1f ms [%s]", scope["method"], scope["path"], status["code"], elapsed * 1000, rid,
+                    extra={"method": scope["method"], "path": scope["path"], "route": path, "status": status["code"],
+                           "duration_ms": round(elapsed * 1000, 1)},
+                )  # fmt: skip
+            request_id_var.reset(token)
 
 
 class BodyLimit:

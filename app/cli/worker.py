@@ -1,4 +1,9 @@
-"""`resa worker`: a job worker (one per GPU) pulling from the Redis queue at RESA_REDIS_URL."""
+"""`resa worker`: a job worker (one per GPU) pulling from the Redis queue at RESA_REDIS_URL.
+
+SIGTERM or SIGINT: take no new job; the running one stops at its next step, saves its
+checkpoint and goes back to the queue; one still running after RESA_DRAIN_TIMEOUT_S is
+killed and failed with the reason; a second signal kills it at the next heartbeat.
+"""
 
 NAME, ORDER = "worker", 2
 HELP = "run a job worker (one per GPU) against RESA_REDIS_URL"
@@ -14,15 +19,14 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    import logging
-
     import redis
 
     from app.jobs import run_worker
+    from app.logging import configure_logging
     from app.settings import get_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    configure_logging(settings.log_json, settings.log_level)
     if not settings.redis_url:
         raise ValueError("RESA_REDIS_URL is not set; point it at the Redis that `resa serve` uses")
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
