@@ -33,7 +33,7 @@ def test_bad_api_keys_refused(bad):
 
 def test_every_design_verb_is_wired():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert {"models"} <= set(sub.choices)
+    assert {"serve", "worker", "models", "extract", "tune", "generate", "inspect", "eval", "demo"} <= set(sub.choices)
 
 
 def test_resa_models_lists_bundled_and_registered(resa_env, capsys):

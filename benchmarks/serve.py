@@ -1,0 +1,318 @@
+"""Serving throughput with per-request skill adapters on the bundled SmolLM2-135M, CPU or GPU.
+
+OFFLINE part (this file, now): 32 requests spread over 8 skills (random rank-32 LoRA adapters,
+alpha 128, on q,k,v,o,gate,up,down, made here), 64 new tokens each, greedy, EOS ignored so
+every request generates exactly 64 tokens:
+(1) the scheduler (continuous batching, gathered multi-LoRA) against naive per-request adapter
+    switching (one request at a time, PEFT set_adapter, a plain greedy loop with KV cache)
+    -> speedup_vs_naive (target >= 8);
+(2) the same scheduler serving the same requests with no adapters -> ratio_vs_base (target >= 0.85);
+(3) for reference, PEFT's own mixed batches (`adapter_names=` per row) in a plain static-batch
+    loop, against that loop on the base model -> peft_mixed_ratio_vs_base.
+Scheduler runs are interleaved (base, adapters, base, adapters, ...) and each figure is the best
+of its repeats, so load from other processes on a shared machine hurts both sides alike. On CPU
+every path is also timed in process CPU seconds (`*_cpu` figures): on a machine shared with
+other jobs wall-clock rates swing with their load, CPU-time rates much less. Torch runs on one
+thread by default (--threads): oversubscribed cores make multi-threaded timings erratic. The
+naive baseline decodes one request at a time, so its tokens/s does not depend on how many
+requests it runs; it runs one request per skill (--naive-requests, split over the repeats) to
+keep the benchmark short.
+
+ONLINE part: `online_part()` below, added once the HTTP layer serves the scheduler.
+
+Usage: python benchmarks/serve.py [--requests 32] [--skills 8] [--new-tokens 64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from resa_engine.adapter_cache import AdapterCache  # noqa: E402
+from resa_engine.models import ModelRegistry, load_model  # noqa: E402
+from resa_engine.sampling import SamplingParams  # noqa: E402
+from resa_engine.serving import Scheduler  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(model, root: Path, count: int, rank: int, alpha: int, seed: int = 0) -> dict[str, Path]:
+    """`count` PEFT LoRA folders with random A and small random B on every target projection."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    linears = {n: m for n, m in model.base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
+    folders = {}
+    for i in range(count):
+        folder = root / f"skill{i}"
+        tensors = {}
+        for name, m in linears.items():
+            bound = 1 / m.in_features**0.5
+            tensors[f"base_model.model.{name}.lora_A.weight"] = (torch.rand(rank, m.in_features, generator=gen) * 2 - 1) * bound
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=gen) * 2e-3
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0).save_pretrained(folder)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        folders[f"skill{i}"] = folder
+    return folders
+
+
+def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        words = " ".join(rng.choice(["carefully", "step by step", "briefly", "in detail"]) for _ in range(rng.randint(1, 4)))
+        messages = [{"role": "user", "content": f"What is {a} * {b}? Explain {words}."}]
+        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return prompts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timed:
+    """Wall-clock and process-CPU seconds of a block (GPU work is synchronised first)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timed":
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+class Rate(NamedTuple):
+    wall: float
+    """Tokens per wall-clock second."""
+    cpu: float
+    """Tokens per process-CPU second."""
+
+
+def rate(tokens: int, t: Timed) -> Rate:
+    return Rate(tokens / t.wall, tokens / max(t.cpu, 1e-9))
+
+
+def best(rates: list[Rate]) -> Rate:
+    return Rate(max(r.wall for r in rates), max(r.cpu for r in rates))
+
+
+def run_scheduler(sched: Scheduler, prompts, adapters: list[str | None], new_tokens: int) -> Rate:
+    """All requests submitted at once; every one must generate exactly `new_tokens`."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    with Timed(sched.model.device) as t:
+        handles = [sched.submit(p, params, a, ignore_eos=True) for p, a in zip(prompts, adapters)]
+        done = [h.result(timeout=1800) for h in handles]
+    tokens = sum(c.usage.completion_tokens for c in done)
+    assert tokens == len(prompts) * new_tokens, "every request must generate exactly new_tokens"
+    return rate(tokens, t)
+
+
+def greedy_loop(model, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int, **forward_kw) -> torch.Tensor:
+    """Plain batched greedy decoding with HF's own KV cache (left-padded rows)."""
+    device = ids.device
+    if mask is None:
+        mask = torch.ones_like(ids)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **forward_kw)
+    tokens = [out.logits[:, -1].argmax(-1)]
+    cache = out.cache
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **forward_kw)
+        cache = out.cache
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+def left_pad(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def load_peft(spec, cache_dir, folders: dict[str, Path]):
+    """A second copy of the model wrapped by PEFT with every skill loaded under its own name."""
+    from peft import PeftModel
+
+    loaded = load_model(spec, cache_dir=cache_dir)
+    names = list(folders)
+    peft_model = PeftModel.from_pretrained(loaded.model, folders[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(folders[name], adapter_name=name)
+    return peft_model.eval()
+
+
+def naive_switching(peft_model, prompts, adapters, new_tokens: int, device) -> Rate:
+    """One request at a time: switch the active adapter, decode alone."""
+    with Timed(device) as t:
+        for p, a in zip(prompts, adapters):
+            peft_model.set_adapter(a)
+            greedy_loop(peft_model, torch.tensor([p], device=device), None, new_tokens)
+    return rate(len(prompts) * new_tokens, t)
+
+
+def peft_mixed(peft_model, prompts, adapters, new_tokens: int, pad_id: int, device) -> Rate:
+    """PEFT's mixed-adapter batches: one static batch, `adapter_names` per row."""
+    ids, mask = left_pad(prompts, pad_id, device)
+    with Timed(device) as t:
+        greedy_loop(peft_model, ids, mask, new_tokens, adapter_names=list(adapters))
+    return rate(len(prompts) * new_tokens, t)
+
+
+def plain_base(peft_model, prompts, new_tokens: int, pad_id: int, device) -> Rate:
+    ids, mask = left_pad(prompts, pad_id, device)
+    with Timed(device) as t, peft_model.disable_adapter():
+        greedy_loop(peft_model, ids, mask, new_tokens)
+    return rate(len(prompts) * new_tokens, t)
+
+
+def note(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def online_part(args) -> dict:
+    """ONLINE part -- to be added once the HTTP layer serves the scheduler (`resa serve`).
+
+    Plan: start the server on the bundled model with the same 8 skills committed to the store;
+    N concurrent clients send `/v1/completions` (stream=true) with exponential inter-arrival
+    times, each naming a random `smollm2-135m:<skill>`; measure aggregate tokens/s and the p50 /
+    p95 time to first token, against one request sent alone (`ttft_alone_s`). Returns those
+    figures to be merged into the JSON line.
+    """
+    return {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--skills", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--alpha", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved scheduler runs per side")
+    parser.add_argument("--naive-requests", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--skip-peft-mixed", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+
+    registry = ModelRegistry.load()
+    spec = registry.get(args.model)
+    cache_dir = Path(os.environ.get("RESA_CACHE_DIR", Path.home() / ".cache" / "resa"))
+    model = load_model(spec, cache_dir=cache_dir)
+    device = model.device
+    tmp = tempfile.TemporaryDirectory(prefix="resa-serve-bench-")
+    folders = make_adapters(model, Path(tmp.name), args.skills, args.rank, args.alpha)
+    skills = list(folders)
+    prompts = make_prompts(model.tokenizer, args.requests)
+    spread = [skills[i % len(skills)] for i in range(args.requests)]
+    n = args.naive_requests
+
+    cache = AdapterCache(model, folders.__getitem__, capacity=len(skills))
+    for key in skills:
+        cache.pin(key, wait=600)
+    sched = Scheduler(model, cache, max_batch=args.requests).start()
+    run_scheduler(sched, prompts[:4], spread[:4], 4)  # warm-up
+    base_runs, lora_runs = [], []
+    for i in range(args.repeats):
+        base_runs.append(run_scheduler(sched, prompts, [None] * len(prompts), args.new_tokens))
+        note(f"scheduler base run {i + 1}: {base_runs[-1].wall:.1f} tok/s")
+        lora_runs.append(run_scheduler(sched, prompts, spread, args.new_tokens))
+        note(f"scheduler lora run {i + 1}: {lora_runs[-1].wall:.1f} tok/s")
+    sched.stop()
+    cache.close()
+    base, lora = best(base_runs), best(lora_runs)
+
+    peft_model = load_peft(spec, cache_dir, folders)
+    peft = plain = None
+    with torch.inference_mode():
+        greedy_loop(peft_model, torch.tensor([prompts[0]], device=device), None, 2)  # warm-up
+        # Best of `repeats` passes, like the scheduler figures; together they run `n` requests, one per skill.
+        naive_runs = []
+        for i in range(args.repeats):
+            ids = [j % len(prompts) for j in range(i, n, args.repeats)]
+            naive_runs.append(naive_switching(peft_model, [prompts[j] for j in ids], [spread[j] for j in ids], args.new_tokens, device))
+            note(f"naive pass {i + 1}: {naive_runs[-1].wall:.1f} tok/s")
+        naive = best(naive_runs)
+        if not args.skip_peft_mixed:
+            pad = model.tokenizer.pad_token_id
+            plain = plain_base(peft_model, prompts, args.new_tokens, pad, device)
+            peft = peft_mixed(peft_model, prompts, spread, args.new_tokens, pad, device)
+            note(f"plain base {plain.wall:.1f} tok/s, PEFT mixed {peft.wall:.1f} tok/s")
+
+    shape = f"{args.requests} x {args.new_tokens}"
+    rows = [
+        ("scheduler, no adapters", shape, base, base_runs),
+        (f"scheduler, {args.skills} skills mixed", shape, lora, lora_runs),
+        ("naive: 1 request at a time, set_adapter", f"{n} x {args.new_tokens}", naive, naive_runs),
+    ]
+    if peft is not None:
+        rows.append(("plain static batch, base (PEFT disabled)", shape, plain, [plain]))
+        rows.append(("plain static batch, PEFT adapter_names", shape, peft, [peft]))
+    print(
+        f"device {device}, dtype {model.dtype}, torch threads {torch.get_num_threads()}, model {args.model}, "
+        f"LoRA r={args.rank} alpha={args.alpha} on {len(TARGETS)} projections, "
+        f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'path':42s} {'requests x tokens':>17s} {'tok/s wall':>11s} {'tok/s cpu':>10s}  runs (wall)")
+    for name, size, r, runs in rows:
+        print(f"{name:42s} {size:>17s} {r.wall:11.1f} {r.cpu:10.1f}  {[round(x.wall, 1) for x in runs]}")
+    figures = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "requests": args.requests,
+        "skills": args.skills,
+        "new_tokens": args.new_tokens,
+        "scheduler_base_tok_s": round(base.wall, 1),
+        "scheduler_lora_tok_s": round(lora.wall, 1),
+        "naive_tok_s": round(naive.wall, 1),
+        "speedup_vs_naive": round(lora.wall / naive.wall, 2),
+        "ratio_vs_base": round(lora.wall / base.wall, 3),
+    }
+    if device.type == "cpu":
+        figures.update(speedup_vs_naive_cpu=round(lora.cpu / naive.cpu, 2), ratio_vs_base_cpu=round(lora.cpu / base.cpu, 3))
+    if peft is not None:
+        figures.update(
+            peft_mixed_tok_s=round(peft.wall, 1),
+            plain_base_tok_s=round(plain.wall, 1),
+            peft_mixed_ratio_vs_base=round(peft.wall / plain.wall, 3),
+            scheduler_lora_vs_peft_mixed=round(lora.wall / peft.wall, 2),
+        )
+        if device.type == "cpu":
+            figures.update(peft_mixed_ratio_vs_base_cpu=round(peft.cpu / plain.cpu, 3))
+    figures.update(online_part(args))
+    print(json.dumps(figures))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The serving scheduler: continuous batching of mixed-adapter requests on a real tiny Llama."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from _helpers_serving import load_private, make_lora, reference_greedy
+from resa_engine.adapter_cache import AdapterCache
+from resa_engine.sampling import Completion, SamplingParams
+from resa_engine.serving import (
+    Delta,
+    EngineStopped,
+    IncrementalDetokenizer,
+    QueueFull,
+    RequestCancelled,
+    Scheduler,
+    TextAssembler,
+)
+
+WAIT = 60  # seconds; generous upper bounds on waits, never asserted as timings
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("serving-adapters")
+    return {
+        "a": make_lora(tiny_llama_dir, root / "a", seed=1),
+        "b": make_lora(tiny_llama_dir, root / "b", seed=2, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]),
+        "c": make_lora(tiny_llama_dir, root / "c", seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir, adapter_dirs):
+    """A private tiny Llama with every test adapter pinned in its cache."""
+    model = load_private(tiny_llama_dir)
+    cache = AdapterCache(model, adapter_dirs.__getitem__, capacity=4)
+    for key in adapter_dirs:
+        cache.pin(key, wait=WAIT)
+    yield model, cache
+    cache.close()
+
+
+@pytest.fixture
+def make_scheduler(served):
+    model, cache = served
+    made = []
+
+    def make(start: bool = True, **options) -> Scheduler:
+        sched = Scheduler(model, cache, **options)
+        made.append(sched)
+        return sched.start() if start else sched
+
+    yield make
+    for sched in made:
+        sched.stop(drain=False)
+
+
+def prompt_ids(model, text: str) -> list[int]:
+    return model.tokenizer(text)["input_ids"]
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+def collect(handle) -> tuple[list[Delta], Completion]:
+    items = list(handle)
+    assert isinstance(items[-1], Completion) and all(isinstance(d, Delta) for d in items[:-1])
+    return items[:-1], items[-1]
+
+
+def test_mixed_adapter_batch_matches_each_request_alone_with_peft(served, make_scheduler, tiny_llama_dir, adapter_dirs):
+    model, _ = served
+    n = 12
+    jobs = [
+        ("What is 12 + 7?", "a"),
+        ("What is 3 * 9? Think first.", "b"),
+        ("The quick brown fox", None),
+        ("What is 40 - 2?", "c"),
+        ("What is 5 + 5?", "a"),
+    ]
+    sched = make_scheduler(start=False)  # queue everything first so all rows share one batch from the first step
+    handles = [sched.submit(prompt_ids(model, text), greedy(n), adapter, ignore_eos=True) for text, adapter in jobs]
+    sched.start()
+    results = [h.result(WAIT) for h in handles]
+    assert handles[1].adapter_info.rank == 4 and handles[2].adapter_info is None
+    # One prefill step and n - 1 decode steps: every row was in the same batch the whole time.
+    assert sched.stats().steps == n
+    expected = [reference_greedy(tiny_llama_dir, adapter_dirs[a] if a else None, prompt_ids(model, t), n) for t, a in jobs]
+    assert [r.token_ids for r in results] == expected
+    assert all(r.finish_reason == "length" and r.usage.completion_tokens == n for r in results)
+    # The adapters matter: the same prompt differs with and without one.
+    base = reference_greedy(tiny_llama_dir, None, prompt_ids(model, jobs[0][0]), n)
+    assert base != expected[0]
+
+
+def test_requests_joining_mid_flight_match_running_alone(served, make_scheduler, tiny_llama_dir, adapter_dirs):
+    model, _ = served
+    sched = make_scheduler()
+    first = sched.submit(prompt_ids(model, "What is 71 + 18?"), greedy(40), "a", ignore_eos=True)
+    stream = iter(first)
+    for _ in range(3):
+        next(stream)  # `first` is decoding now
+    joined = [
+        sched.submit(prompt_ids(model, "What is 2 * 2? Think"), greedy(10), "b", ignore_eos=True),
+        sched.submit(prompt_ids(model, "Hello"), greedy(10), None, ignore_eos=True),
+    ]
+    outs = [h.result(WAIT) for h in joined]
+    rest = list(stream)
+    assert isinstance(rest[-1], Completion)
+    assert not first.done or first.finished_at > max(h.first_token_at for h in joined)
+    assert rest[-1].token_ids == reference_greedy(tiny_llama_dir, adapter_dirs["a"], prompt_ids(model, "What is 71 + 18?"), 40)
+    assert outs[0].token_ids == reference_greedy(tiny_llama_dir, adapter_dirs["b"], prompt_ids(model, "What is 2 * 2? Think"), 10)
+    assert outs[1].token_ids == reference_greedy(tiny_llama_dir, None, prompt_ids(model, "Hello"), 10)
+
+
+def test_same_seed_same_output_whatever_the_batch(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler()
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    prompt = prompt_ids(model, "What is 8 * 8?")
+    alone = sched.submit(prompt, params, "a", ignore_eos=True).result(WAIT)
+    crowd = [
+        sched.submit(prompt_ids(model, f"What is {i} + {i}?"), SamplingParams(max_tokens=20, temperature=1.0, seed=i), a, ignore_eos=True)
+        for i, a in ((1, "b"), (2, None), (3, "c"))
+    ]
+    together = sched.submit(prompt, params, "a", ignore_eos=True)
+    late = SamplingParams(max_tokens=20, temperature=0.7, seed=5)
+    crowd.append(sched.submit(prompt_ids(model, "Hello there"), late, "a", ignore_eos=True))
+    assert together.result(WAIT).token_ids == alone.token_ids
+    other_seed = sched.submit(prompt, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=8), "a", ignore_eos=True)
+    assert other_seed.result(WAIT).token_ids != alone.token_ids
+    for h in crowd:
+        h.result(WAIT)
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_streamed(served, make_scheduler):
+    model, _ = served
+    tok = model.tokenizer
+    sched = make_scheduler()
+    prompt = prompt_ids(model, "What is 12 + 30? Answer:")
+    full = sched.submit(prompt, greedy(30), "a", ignore_eos=True).result(WAIT)
+    # A stop string made of the end of one token's text and the start of the next one's.
+    stop = None
+    for k in range(3, len(full.token_ids) - 3):
+        head = tok.decode(full.token_ids[:k])
+        if full.text.startswith(head) and len(head) >= 2 and len(full.text) >= len(head) + 2:
+            candidate = full.text[len(head) - 2 : len(head) + 2]
+            if "\ufffd" not in candidate and tok.decode(full.token_ids[k - 1 : k]).endswith(candidate[:2]):
+                stop = candidate
+                break
+    assert stop is not None
+    deltas, done = collect(sched.submit(prompt, greedy(30, stop=["never-there", stop]), "a", ignore_eos=True))
+    assert done.finish_reason == "stop"
+    assert done.text == full.text[: full.text.find(stop)]
+    assert stop not in done.text
+    assert "".join(d.text for d in deltas) == done.text
+    assert sum(len(d.token_ids) for d in deltas) == len(done.token_ids)
+
+    missing = sched.submit(prompt, greedy(30, stop=["never-there"]), "a", ignore_eos=True).result(WAIT)
+    assert missing.finish_reason == "length" and missing.text == full.text
+
+
+def test_max_tokens_eos_and_usage(served, make_scheduler, tiny_llama_dir):
+    model, _ = served
+    prompt = prompt_ids(model, "What is 9 + 10?")
+    sched = make_scheduler()
+    out = sched.submit(prompt, greedy(5), None, ignore_eos=True).result(WAIT)
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), 5)
+    # Make the 4th greedy token the model's EOS: generation ends there, EOS counted in usage, not in the text.
+    ref = reference_greedy(tiny_llama_dir, None, prompt, 8)
+    eos = ref[3]
+    assert eos not in ref[:3]
+    sched.eos_ids = {eos}
+    stopped = sched.submit(prompt, greedy(8), None).result(WAIT)
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == ref[:3] and stopped.usage.completion_tokens == 4
+    assert stopped.text == model.tokenizer.decode(ref[:3], skip_special_tokens=True)
+
+
+def test_bad_requests_raise_value_error(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler(max_prompt_tokens=8, max_new_tokens=16)
+    with pytest.raises(ValueError, match="prompt has 9 tokens"):
+        sched.submit(list(range(9)), greedy(4))
+    with pytest.raises(ValueError, match="max_tokens 17"):
+        sched.submit([1, 2], greedy(17))
+    with pytest.raises(ValueError, match="empty"):
+        sched.submit([], greedy(4))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sched.submit([1, 10_000], greedy(4))
+    plain = Scheduler(model)
+    with pytest.raises(ValueError, match="serves no adapters"):
+        plain.submit([1, 2], greedy(4), "a")
+
+
+def test_queue_full_raises_with_retry_hint(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler(max_batch=1, max_queue=1)
+    running = sched.submit(prompt_ids(model, "Hello"), greedy(400), None, ignore_eos=True)
+    next(iter(running))  # admitted: the queue is empty again
+    queued = sched.submit(prompt_ids(model, "Hi"), greedy(4), None)
+    with pytest.raises(QueueFull) as err:
+        sched.submit(prompt_ids(model, "Hey"), greedy(4), None)
+    assert err.value.retry_after_s > 0
+    running.cancel()
+    assert queued.result(WAIT).finish_reason in ("stop", "length")
+
+
+def test_cancel_frees_the_slot_for_a_queued_request(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler(max_batch=1)
+    long = sched.submit(prompt_ids(model, "Hello"), greedy(400), "a", ignore_eos=True)
+    next(iter(long))
+    waiting = sched.submit(prompt_ids(model, "What is 1 + 1?"), greedy(6), "b", ignore_eos=True)
+    dropped = sched.submit(prompt_ids(model, "What is 2 + 2?"), greedy(6), None)
+    stats = sched.stats()
+    assert (stats.running, stats.queued) == (1, 2)
+    dropped.cancel()  # a queued request leaves the queue at once
+    assert sched.stats().queued == 1
+    long.cancel()
+    assert waiting.result(WAIT).usage.completion_tokens == 6
+    with pytest.raises(RequestCancelled):
+        long.result(WAIT)
+    with pytest.raises(RequestCancelled):
+        dropped.result(WAIT)
+    stats = sched.stats()
+    assert (stats.running, stats.queued, stats.cancelled, stats.completed) == (0, 0, 2, 1)
+
+
+def test_async_stream_yields_deltas_then_completion(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler()
+
+    async def consume():
+        handle = sched.submit(prompt_ids(model, "What is 4 + 4?"), greedy(12), "c", ignore_eos=True)
+        return [item async for item in handle.stream()]
+
+    items = asyncio.run(consume())
+    done = items[-1]
+    assert isinstance(done, Completion) and len(items) > 2
+    assert "".join(d.text for d in items[:-1]) == done.text
+
+
+def test_leaving_the_async_stream_early_cancels_the_request(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler()
+
+    async def consume_two():
+        handle = sched.submit(prompt_ids(model, "Hello"), greedy(400), None, ignore_eos=True)
+        async for item in handle.stream():
+            if isinstance(item, Delta):
+                break
+        return handle
+
+    handle = asyncio.run(consume_two())
+    with pytest.raises(RequestCancelled):
+        handle.result(WAIT)
+
+
+def test_stop_drains_in_flight_then_refuses(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler()
+    handles = [sched.submit(prompt_ids(model, f"What is {i} * 3?"), greedy(8), a, ignore_eos=True) for i, a in enumerate(["a", None, "b"])]
+    sched.stop(drain=True, timeout=WAIT)
+    assert all(h.result(0).usage.completion_tokens == 8 for h in handles)
+    with pytest.raises(EngineStopped):
+        sched.submit(prompt_ids(model, "Hi"), greedy(4))
+
+    hard = make_scheduler()
+    running = hard.submit(prompt_ids(model, "Hello"), greedy(400), None, ignore_eos=True)
+    next(iter(running))
+    hard.stop(drain=False)
+    with pytest.raises(EngineStopped):
+        running.result(WAIT)
+
+
+def test_incremental_detokenizer_handles_multibyte_characters(served):
+    model, _ = served
+    tok = model.tokenizer
+    text = "héllo 世界 🙂 naïve: 12 + 30 = 42"
+    ids = tok(text)["input_ids"]
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_text_assembler_holds_back_possible_stop_prefixes(served):
+    tok = served[0].tokenizer
+    ids = tok("What is 12 + 30? The answer is 42.")["input_ids"]
+    asm = TextAssembler(tok, ["answer is"])
+    shown, stopped = "", False
+    for i in ids:
+        piece, stopped = asm.push(i)
+        shown += piece
+        if stopped:
+            break
+        held = asm.text[len(shown) :]
+        assert "answer is".startswith(held)  # only a possible start of the stop string is held back
+    assert stopped and shown == "What is 12 + 30? The " == asm.text
+
+
+def test_qwen2_biased_projections_mixed_batch_matches_peft(tiny_qwen_dir, tmp_path):
+    folders = {k: make_lora(tiny_qwen_dir, tmp_path / k, seed=i) for i, k in enumerate("xy")}
+    model = load_private(tiny_qwen_dir, "tiny-qwen")
+    cache = AdapterCache(model, folders.__getitem__, capacity=2)
+    sched = Scheduler(model, cache)
+    jobs = [("What is 3 + 4?", "x"), ("Hello", None), ("What is 10 * 2? Think", "y"), ("What is 7 - 1?", "x")]
+    handles = [sched.submit(prompt_ids(model, p), greedy(8), a, ignore_eos=True) for p, a in jobs]
+    sched.start()
+    try:
+        got = [h.result(WAIT).token_ids for h in handles]
+    finally:
+        sched.stop()
+        cache.close()
+    assert got == [reference_greedy(tiny_qwen_dir, folders[a] if a else None, prompt_ids(model, p), 8) for p, a in jobs]
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_batch_matches_peft_alone(tmp_path, smollm2):
+    from pathlib import Path
+
+    from resa_engine.models import load_model
+
+    model_dir = Path(smollm2.base.name_or_path)  # the de-quantized safetensors folder
+    adapters = {k: make_lora(model_dir, tmp_path / k, seed=s, r=8, alpha=32) for k, s in (("x", 1), ("y", 2))}
+    model = load_model(smollm2.spec, device="cpu", cache_dir=model_dir.parents[1])  # a private copy: hooks go on it
+    cache = AdapterCache(model, adapters.__getitem__, capacity=2)
+    sched = Scheduler(model, cache).start()
+    try:
+        prompts = ["What is 12 + 7?", "Name a colour.", "Count to five."]
+        jobs = list(zip(prompts, ["x", None, "y"]))
+        handles = [sched.submit(prompt_ids(model, p), greedy(8), a, ignore_eos=True) for p, a in jobs]
+        got = [h.result(WAIT).token_ids for h in handles]
+    finally:
+        sched.stop()
+        cache.close()
+    with torch.inference_mode():
+        expected = [reference_greedy(model_dir, adapters[a] if a else None, prompt_ids(model, p), 8) for p, a in jobs]
+    assert got == expected
