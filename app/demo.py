@@ -39,6 +39,8 @@ class DemoConfig:
     """Tokens per training chunk (the authors use 2048; shorter suits a CPU)."""
     sae_max_tokens: int = 400_000
     """Activation tokens the SAE sees."""
+    heldout_tokens: int = 4096
+    """Held-out tokens scored per layer after SAE training (FVU, loss recovered)."""
     sft_steps: int = 200
     """Optimizer steps of the stand-in source's SFT (batch 8)."""
     sft_lr: float = 3e-4
@@ -67,7 +69,8 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(
-            train_rows=300, test_rows=30, sae_max_tokens=40_000, sft_steps=40, tune_max_steps=30, self_variant=False
+            train_rows=200, test_rows=20, chunk_len=128, sae_max_tokens=16_384, heldout_tokens=1024, sft_steps=12, tune_max_steps=12,
+            max_tokens=24, self_variant=False,
         )
 
 
@@ -91,9 +94,11 @@ class DemoClient:
             raise RuntimeError(f"{method} {path} -> {r.status_code}: {r.text[:500]}")
         return r.json() if r.content else {}
 
-    def wait_ready(self, timeout_s: float = 300) -> None:
+    def wait_ready(self, server: subprocess.Popen, timeout_s: float = 300) -> None:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"`resa serve` exited with status {server.returncode} before it was ready (see its log)")
             try:
                 if self.http.get("/readyz").status_code == 200:
                     return
@@ -162,7 +167,7 @@ def run_demo(cfg: DemoConfig, workdir: Path, report_dir: Path) -> dict:
     try:
         client = DemoClient(f"http://127.0.0.1:{port}")
         t = time.perf_counter()
-        client.wait_ready()
+        client.wait_ready(server)
         times.append(StageTime("service start (model loaded)", time.perf_counter() - t))
 
         train_ds = client.call("POST", "/datasets", content=rows_to_jsonl(train), headers={"content-type": "application/x-ndjson"})
@@ -175,7 +180,8 @@ def run_demo(cfg: DemoConfig, workdir: Path, report_dir: Path) -> dict:
         times.append(StageTime("source: SFT LoRA (stand-in for RL)", time.perf_counter() - t, sft))
 
         sae = {"expansion_factor": cfg.expansion_factor, "k": cfg.k}
-        extract_train = {"chunk_len": cfg.chunk_len, "max_tokens": cfg.sae_max_tokens, "seed": cfg.seed}
+        extract_train = {"chunk_len": cfg.chunk_len, "max_tokens": cfg.sae_max_tokens, "heldout_max_tokens": cfg.heldout_tokens,
+                         "seed": cfg.seed}
         tune = {"objective": cfg.objective, "splice_grad": cfg.splice_grad, "epochs": cfg.tune_epochs,
                 "max_steps": cfg.tune_max_steps, "lr": cfg.tune_lr, "chunk_len": cfg.chunk_len, "seed": cfg.seed}
         variants = [("demo-resa", {"model": MODEL, "adapter": "demo-source"})]

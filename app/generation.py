@@ -16,14 +16,16 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from app.api.errors import Conflict, Invalid, NotFound, TooLarge, Unavailable
+from app.api.errors import ApiError, Conflict, Invalid, NotFound, TooLarge, Unavailable
 from app.settings import Settings
 
 log = logging.getLogger("resa.generation")
@@ -169,6 +171,7 @@ class GenerationService:
         self._loading: dict[str, threading.Lock] = {}
         self._load_errors: dict[str, str] = {}
         self._guard = threading.Lock()
+        self.batched = BatchedGeneration(settings, store, self.catalog)
 
     # ------------------------------------------------------------ models
 
@@ -193,6 +196,7 @@ class GenerationService:
             try:
                 self.catalog.describe(name)
                 self._served(name)
+                self.batched.served(name)  # the scheduler's copy, so the first request does not wait for it
                 log.info("model %s loaded", name)
             except Exception as exc:  # noqa: BLE001 - reported by /readyz, retried on first use
                 log.error("loading model %s failed: %s", name, getattr(exc, "message", exc))
@@ -221,6 +225,24 @@ class GenerationService:
             self._load_errors.pop(name, None)
             self._models[name] = _Served(loaded)
             return self._models[name]
+
+    async def run_on_base(self, name: str, fn):
+        """`fn(LoadedModel)` in a worker thread under the model's lock, on the base weights (adapters
+        attached for generation are disabled for the call); the model loads on first use."""
+        self.catalog.spec(name)
+
+        def call():
+            from peft import PeftModel
+
+            served = self._served(name)
+            with served.lock:
+                peft_model = served.loaded.model
+                if not isinstance(peft_model, PeftModel):
+                    return fn(served.loaded)
+                with peft_model.disable_adapter():
+                    return fn(served.loaded)
+
+        return await asyncio.to_thread(call)
 
     # ------------------------------------------------------------ adapters
 
@@ -366,26 +388,261 @@ class GenerationService:
             return self._run(self._prepare(req, model))
 
     async def generate(self, req) -> GenerationResult:
-        """One completion; raises ApiError (404 unknown model/skill, 409 incompatible adapter, 413/422 limits)."""
-        model = self._check_request(req)
-        return await asyncio.to_thread(self._generate_sync, req, model)
+        """One completion through the model's continuous-batching scheduler; raises ApiError (404 unknown
+        model/skill, 409 incompatible or corrupt adapter, 413/422 limits, 429 queue full)."""
+        queued = await self._submit_batched(req, self._check_request(req))
+        stream = queued.handle.stream()
+        try:
+            async for item in stream:
+                if hasattr(item, "finish_reason"):  # the Completion, after the Deltas
+                    return self._batched_result(queued, item)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the request's own failure (adapter load, stop)
+            raise _as_api(exc) from None
+        finally:
+            await stream.aclose()  # leaving early (the caller was cancelled) cancels the request
+        raise ApiError("generation ended without a result")
 
     async def stream(self, req) -> AsyncIterator[dict]:
-        """Check and prepare first (errors raise before anything is sent), then yield text deltas and a final event.
-
-        The single-request engine produces the completion in one piece, so it arrives as one
-        delta; the serving scheduler streams token by token through the same events.
-        """
-        model = self._check_request(req)
-        result = await asyncio.to_thread(self._generate_sync, req, model)
+        """Check, queue and wait for the first token (errors raise before anything is sent), then
+        yield the scheduler's text deltas as they are decoded and a final event."""
+        queued = await self._submit_batched(req, self._check_request(req))
+        stream = queued.handle.stream()
+        try:
+            first = await anext(stream)
+        except BaseException as exc:
+            await stream.aclose()
+            if isinstance(exc, (ApiError, asyncio.CancelledError)) or not isinstance(exc, Exception):
+                raise
+            raise _as_api(exc) from None
 
         async def events() -> AsyncIterator[dict]:
-            if result.text:
-                yield {"text": result.text}
-            yield {"text": "", "done": True, **{k: v for k, v in result.to_dict().items() if k != "text"}}
+            try:
+                item = first
+                while True:
+                    if hasattr(item, "finish_reason"):
+                        result = self._batched_result(queued, item)
+                        yield {"text": "", "done": True, **{k: v for k, v in result.to_dict().items() if k != "text"}}
+                        return
+                    if item.text:
+                        yield {"text": item.text}
+                    item = await anext(stream)
+            finally:
+                await stream.aclose()  # a client that went away cancels the request
 
         return events()
 
+    async def _submit_batched(self, req, model: str) -> "BatchedRequest":
+        from resa_engine.sampling import SamplingParams
+
+        try:
+            params = SamplingParams(
+                max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=list(req.stop or [])
+            )
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+        return await self.batched.submit(model, req.skill, prompt=req.prompt, messages=messages, params=params)
+
+    @staticmethod
+    def _batched_result(queued: "BatchedRequest", completion) -> GenerationResult:
+        return GenerationResult(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            usage=completion.usage.to_dict(),
+            model=queued.model,
+            skill=queued.skill,
+            cross_model=queued.cross_model,
+            adapter_target=queued.adapter_target,
+        )
+
     def close(self) -> None:
+        self.batched.close()
         self._models.clear()
 
+
+# ------------------------------------------------------------ continuous batching
+
+
+@dataclass
+class BatchedRequest:
+    """A request queued on a model's scheduler, with what the response must say about it."""
+
+    handle: Any
+    model: str
+    skill: str | None
+    cross_model: bool
+    adapter_target: str | None
+    prompt_tokens: int
+
+
+@dataclass
+class _Batched:
+    """A model served by the continuous-batching scheduler: its own weights, adapter cache and loop."""
+
+    loaded: Any
+    adapters: Any
+    scheduler: Any
+
+
+class BatchedGeneration:
+    """Per-model `Scheduler` + `AdapterCache` (resa_engine.serving) behind the OpenAI-compatible routes.
+
+    Each served model gets its own copy of the weights: the scheduler's LoRA bank hooks the
+    model's Linear modules, and PEFT adapters attached by the single-request path must never
+    apply to batched rows. Adapters load through the store's checksum-verified `fetch`, keyed
+    "<target>/<skill>"; a skill without an adapter for this model is served by a compatible
+    adapter built on another model (cross-model, paper §4.3).
+    """
+
+    def __init__(self, settings: Settings, store, catalog: ModelCatalog):
+        self.settings, self.store, self.catalog = settings, store, catalog
+        self._models: dict[str, _Batched] = {}
+        self._guard = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self._closed = False
+
+    def served(self, name: str) -> _Batched:
+        """The model's scheduler, loading the model and starting the loop on first use."""
+        batched = self._models.get(name)
+        if batched is not None:
+            return batched
+        spec = self.catalog.spec(name)
+        with self._guard:
+            if self._closed:
+                raise Unavailable("the server is shutting down", type="engine_stopped")
+            lock = self._loading.setdefault(name, threading.Lock())
+        with lock:
+            if name in self._models:
+                return self._models[name]
+            from resa_engine.adapter_cache import AdapterCache
+            from resa_engine.models import load_model
+            from resa_engine.serving import Scheduler
+
+            try:
+                loaded = load_model(spec, device=self.settings.device, cache_dir=self.settings.cache_dir)
+            except Exception as exc:  # noqa: BLE001 - ModelError, missing files, out of memory: all say "unavailable"
+                raise Unavailable(f"model {name!r} cannot be loaded: {exc}", type="model_unavailable") from None
+            cache = AdapterCache(loaded, self._fetch, capacity=max(1, int(self.settings.adapter_cache_size)))
+            s = self.settings
+            scheduler = Scheduler(
+                loaded,
+                cache,
+                max_batch=int(s.max_batch),
+                max_queue=int(s.max_queue),
+                max_prompt_tokens=int(s.max_prompt_tokens),
+                max_new_tokens=int(s.max_new_tokens),
+                max_tokens_in_flight=int(s.max_tokens_in_flight),
+            ).start()
+            self._models[name] = _Batched(loaded, cache, scheduler)
+            log.info("model %s serving with continuous batching", name)
+            return self._models[name]
+
+    def _fetch(self, key: str):
+        target, skill = key.split("@", 1)[0].split("/", 1)
+        return self.store.fetch("adapter", (target, skill))
+
+    def _resolve_target(self, model: str, skill: str, loaded) -> tuple[str, dict]:
+        """The store target (and its adapter manifest) whose adapter of `skill` serves `model`:
+        its own, else a compatible one built on another model."""
+        from adapters_store import ArtifactNotFound
+        from resa_engine.adapter import check_adapter_compat
+
+        try:
+            return model, self.store.manifest("adapter", (model, skill))
+        except ArtifactNotFound:
+            pass
+        candidates = [m for m in self.store.list("adapter") if m["key"][1] == skill]
+        if not candidates:
+            if self.store.exists("skill", (skill,)):
+                raise Conflict(
+                    f"skill {skill!r} has no adapter yet; build one with POST /skills/{skill}/adapters", type="no_adapter"
+                )
+            raise NotFound(f"unknown skill {skill!r}", type="unknown_skill")
+        reasons = []
+        for manifest in sorted(candidates, key=lambda m: m["key"][0]):
+            target = manifest["key"][0]
+            compat = check_adapter_compat(self.store.fetch("adapter", (target, skill)), loaded)
+            if compat.ok:
+                return target, manifest
+            reasons.append(f"{target}: {compat.reason}")
+        raise Conflict(
+            f"skill {skill!r} has no adapter compatible with {model}: " + "; ".join(reasons),
+            type="incompatible_adapter",
+            reasons=reasons,
+        )
+
+    def _submit_sync(self, model: str, skill: str | None, prompt, messages, params) -> BatchedRequest:
+        from resa_engine.generate import format_prompt
+        from resa_engine.serving import EngineStopped, QueueFull
+
+        batched = self.served(model)
+        try:
+            ids = format_prompt(batched.loaded.tokenizer, prompt, messages)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise TooLarge(
+                f"prompt is {len(ids)} tokens, over this server's limit of {self.settings.max_prompt_tokens}",
+                type="prompt_too_long",
+            )
+        target, key = None, None
+        if skill:
+            target, manifest = self._resolve_target(model, skill, batched.loaded)
+            # The version is part of the cache key: a replaced adapter loads afresh instead of the old weights.
+            key = f"{target}/{skill}@{manifest.get('created_at', '')}"
+        try:
+            handle = batched.scheduler.submit(ids, params, adapter=key)
+        except QueueFull as exc:
+            retry = max(1, math.ceil(exc.retry_after_s))
+            raise ApiError(str(exc), type="rate_limit_exceeded", status=429, headers={"Retry-After": str(retry)}) from None
+        except EngineStopped as exc:
+            raise Unavailable(str(exc), type="engine_stopped") from None
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return BatchedRequest(handle, model, skill, bool(target and target != model), target, len(ids))
+
+    async def submit(self, model: str, skill: str | None, *, prompt: str | None = None, messages: list[dict] | None = None, params) -> BatchedRequest:
+        """Queue one request (errors raise here, before any response starts): 404 unknown model/skill,
+        409 incompatible adapter, 413/422 limits, 429 queue full (Retry-After), 503 stopping."""
+        self.catalog.spec(model)
+        if params.max_tokens > self.settings.max_new_tokens:
+            raise Invalid(
+                f"max_tokens {params.max_tokens} is over this server's limit of {self.settings.max_new_tokens}",
+                type="max_tokens_too_large",
+            )
+        return await asyncio.to_thread(self._submit_sync, model, skill, prompt, messages, params)
+
+    def close(self) -> None:
+        """Finish in-flight requests, refuse new ones, end the loops."""
+        with self._guard:
+            self._closed = True
+            models, self._models = list(self._models.values()), {}
+        for batched in models:
+            batched.scheduler.stop(drain=True)
+            batched.adapters.close()
+
+
+def serving_error(exc: BaseException) -> ApiError | None:
+    """A request's failure raised from the scheduler's stream (adapter load, mismatch, stop), as HTTP."""
+    from app.api.errors import as_api_error
+
+    api = as_api_error(exc)
+    if api is not None:
+        return api
+    serving, lora = sys.modules.get("resa_engine.serving"), sys.modules.get("resa_engine.lora_batch")
+    if lora is not None and isinstance(exc, lora.AdapterMismatch):
+        return Conflict(str(exc), type="incompatible_adapter")
+    if serving is not None and isinstance(exc, serving.EngineStopped):
+        return Unavailable(str(exc), type="engine_stopped")
+    if serving is not None and isinstance(exc, serving.RequestCancelled):
+        return ApiError(str(exc), type="cancelled", status=499)
+    adapter = sys.modules.get("resa_engine.adapter")
+    if adapter is not None and isinstance(exc, adapter.AdapterError):
+        return Conflict(str(exc), type="incompatible_adapter")
+    return None
+
+
+def _as_api(exc: BaseException) -> ApiError:
+    return serving_error(exc) or ApiError(f"generation failed: {exc}")

@@ -18,6 +18,7 @@ from app.api.metrics import Metrics
 from app.api.middleware import BodyLimit, RequestContext
 from app.api.routes import adapters, datasets, evals, generate, jobs, models, probes, skills
 from app.api.routes import transparency
+from app.api.routes import openai as openai_routes
 from app.generation import GenerationService, ModelCatalog
 from app.jobs import JobQueue, connect
 from app.logging import configure_logging
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
     for module in (probes, models, datasets, skills, adapters, jobs, evals, generate):
         app.include_router(module.router)
     app.include_router(transparency.router)
+    app.include_router(openai_routes.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: every response gets an id

@@ -57,6 +57,7 @@ TRAIN_FIELDS = (
     "micro_batch_tokens",
     "mask_special_tokens",
     "checkpoint_every",
+    "cards",
     "seed",
 )
 STATE_FILE = "state.json"
@@ -111,6 +112,9 @@ class ExtractConfig:
     """Leave BOS/EOS/PAD positions out of SAE training and FVU (their norms are outliers)."""
     checkpoint_every: int = 100
     """Optimizer steps between checkpoints (0: only on cancel and at the end)."""
+    cards: bool = True
+    """After training, write latent cards per layer over the held-out chunks (sae/layers.<i>/latents.json),
+    count reasoning features on the system prompt, and with several layers a report.json/report.png."""
     seed: int = 0
     """Seeds the SAE initialisation and the chunk order."""
     default_layer: int | None = None
@@ -223,6 +227,8 @@ class ExtractResult:
     """Seconds of this call spent in the training loop (for throughput figures)."""
     resumed_tokens: int = 0
     """Tokens already seen in the checkpoint this call resumed from (0: fresh start)."""
+    report: Path | None = None
+    """The per-layer report chart (report.png) in out_dir; written with `cards` and several layers."""
 
 
 # ---------------------------------------------------------------- data
@@ -449,7 +455,7 @@ def _run_key(model: LoadedModel, cfg: ExtractConfig, plan: TrainPlan, init_sha: 
         "init_from": init_sha,
         "data": hashlib.sha256(plan.data.chunks.numpy().tobytes()).hexdigest(),
         "order": hashlib.sha256(plan.order.numpy().tobytes()).hexdigest(),
-        **{k: getattr(cfg, k) for k in TRAIN_FIELDS if k not in ("checkpoint_every", "heldout_fraction", "heldout_max_tokens")},
+        **{k: getattr(cfg, k) for k in TRAIN_FIELDS if k not in ("checkpoint_every", "heldout_fraction", "heldout_max_tokens", "cards")},
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -752,6 +758,12 @@ def extract_skill(
     for i in cfg.layers:
         raw[i]["dead_fraction"] = float(1 - fired_ever[i].float().mean())
         raw[i]["train_fvu"] = ts.last_fvu.get(str(i))
+    cards = skill_cards(model, saes, heldout, cfg, progress, should_stop) if cfg.cards else None
+    if cards is not None:
+        for i in cfg.layers:
+            found = cards.reasoning[i]
+            raw[i]["reasoning_features"] = found.count if found is not None else None
+            raw[i]["reasoning_latents"] = found.latents if found is not None else None
     default_layer = choose_default_layer(raw, cfg.default_layer)
 
     first = saes[cfg.layers[0]]
@@ -808,6 +820,7 @@ def extract_skill(
     shutil.rmtree(out_dir / "sae", ignore_errors=True)
     for i, sae in saes.items():
         sae.save_to_disk(out_dir / sae_subdir(i))
+    report = write_transparency(out_dir, manifest, cards) if cards is not None else None
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return ExtractResult(
         out_dir=out_dir,
@@ -820,7 +833,69 @@ def extract_skill(
         wall_s=manifest["wall_s"],
         train_s=train_s,
         resumed_tokens=resumed_tokens,
+        report=report,
     )
+
+
+# ---------------------------------------------------------------- transparency (paper §5)
+
+
+@dataclass
+class SkillCards:
+    """What each layer's SAE encodes, computed once at extraction and stored with the skill."""
+
+    cards: dict[int, Any]
+    """Layer -> transparency.LatentCards over the held-out chunks."""
+    reasoning: dict[int, Any]
+    """Layer -> transparency.ReasoningFeatures on the Resa system prompt (None: the tokenizer gives no offsets)."""
+
+
+def skill_cards(model: LoadedModel, saes: dict[int, Any], data: TriggerDataset, cfg: ExtractConfig,
+                progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> SkillCards:
+    """Latent cards over the held-out chunks (bounded by heldout_max_tokens) and reasoning features per layer.
+
+    Cards count the positions FVU counts: not BOS/EOS/PAD (when masked) and not a chunk's first
+    position, the attention sink (see heldout_metrics), which would otherwise top every card.
+    """
+    from .transparency import latent_cards, reasoning_features
+
+    chunks = data.chunks
+    mask = ~special_token_mask(chunks, model.tokenizer) if cfg.mask_special_tokens else torch.ones_like(chunks, dtype=torch.bool)
+    mask[:, 0] = False
+    tracker = ProgressTracker("cards", len(chunks) * len(saes), progress, should_stop)
+    cards, reasoning = {}, {}
+    for n, (layer, sae) in enumerate(sorted(saes.items())):
+        step = _Offset(tracker, n * len(chunks))
+        cards[layer] = latent_cards(model, sae, layer, chunks, model.tokenizer, mask=mask, batch_size=cfg.batch_size, progress=step)
+        # Needs character offsets (a fast tokenizer); without them the count is unknown, not zero.
+        reasoning[layer] = reasoning_features(model, sae, layer) if getattr(model.tokenizer, "is_fast", False) else None
+    return SkillCards(cards=cards, reasoning=reasoning)
+
+
+@dataclass
+class _Offset:
+    """One layer's share of the `cards` stage: its chunk count shifted by the layers before it."""
+
+    tracker: ProgressTracker
+    offset: int
+
+    def update(self, step: int) -> None:
+        self.tracker.update(self.offset + step)
+
+
+def write_transparency(out_dir: Path, manifest: dict, cards: SkillCards) -> Path | None:
+    """Cards into sae/layers.<i>/latents.json; with several layers, report.json and report.png too."""
+    from .transparency import layer_report, render_report_png, save_cards
+
+    for layer, layer_cards in cards.cards.items():
+        save_cards(layer_cards, out_dir / sae_subdir(layer))
+    for stale in ("report.json", "report.png"):
+        (out_dir / stale).unlink(missing_ok=True)  # a resumed staging folder may hold an older run's
+    if len(cards.cards) < 2:
+        return None
+    report = layer_report(manifest, {i: r.count for i, r in cards.reasoning.items() if r is not None})
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return render_report_png(report, out_dir / "report.png")
 
 
 def _rows_sha(train_rows: list[QARow], heldout_rows: list[QARow]) -> str:

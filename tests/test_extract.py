@@ -49,7 +49,8 @@ def multi(tiny_llama, split, tmp_path_factory):
         tiny_llama.layers[3].register_forward_pre_hook(counter("block3")),
     ]
     try:
-        result = extract_skill(tiny_llama, *split, tiny_cfg([2, 0, 1]), tmp_path_factory.mktemp("multi"), name="multi")
+        # cards off: their partial forwards would blur the pass counts below
+        result = extract_skill(tiny_llama, *split, tiny_cfg([2, 0, 1], cards=False), tmp_path_factory.mktemp("multi"), name="multi")
     finally:
         for h in handles:
             h.remove()
@@ -286,7 +287,8 @@ def test_run_extract_commits_a_skill_with_a_stored_source_adapter(resa_env, lora
         "adapter_sha256": adapter_sha256(lora_dir),
     }
     assert manifest["dataset"]["sha256"] == params["dataset"]
-    assert {f"sae/layers.{i}/{f}" for i in (1, 2) for f in ("cfg.json", "sae.safetensors")} == set(manifest["files"])
+    saes_and_cards = {f"sae/layers.{i}/{f}" for i in (1, 2) for f in ("cfg.json", "sae.safetensors", "latents.json")}
+    assert saes_and_cards | {"report.json", "report.png"} == set(manifest["files"])
     folder = ctx.store.fetch("skill", ("arith",))
     skill = Skill("arith", folder, manifest)
     assert skill.sae(2).num_latents == 128
@@ -416,3 +418,47 @@ def test_smollm2_skill_reconstructs_and_splices_well(smollm2, tmp_path):
     assert m["fvu"] < 0.5 and m["l0"] == pytest.approx(32, abs=1)
     # a real model: zero-ablating the residual stream is far worse than splicing the SAE in
     assert m["loss_clean"] < m["loss_spliced"] < m["loss_zero"] and m["loss_recovered"] > 0.5
+
+
+def test_extraction_writes_latent_cards_reasoning_counts_and_a_layer_report(resa_env, tiny_llama_dir, tiny_llama, tmp_path, capsys):
+    """Two layers through `resa extract`: cards per layer over held-out text, reasoning features in
+    the metrics, report.json/report.png committed with the skill and its path printed."""
+    from adapters_store import ArtifactStore
+    from app.cli import main
+    from resa_engine.transparency import load_cards, reasoning_features
+
+    data = write_jsonl(tmp_path / "qa.jsonl", arithmetic_rows(120, seed=6))
+    argv = ["extract", "--source", str(tiny_llama_dir), "--layer", "1", "--layer", "2", "--data", str(data), "--name", "cards",
+            "--latents", "128", "--k", "8", "--chunk-len", "32", "--batch-size", "4", "--max-tokens", "1024"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore(resa_env.store_url, cache_dir=resa_env.cache_dir)
+    folder = store.fetch("skill", ("cards",))
+    manifest = store.manifest("skill", ("cards",))
+    assert f"layer report: {folder / 'report.png'}" in out
+    assert {"report.json", "report.png", "sae/layers.1/latents.json", "sae/layers.2/latents.json"} <= set(manifest["files"])
+    assert manifest["train"]["cards"] is True
+    model = tiny_llama  # the same weights as tiny_llama_dir
+    skill = Skill("cards", folder, manifest)
+    tok = model.tokenizer
+    for layer in (1, 2):
+        m = manifest["metrics"][str(layer)]
+        found = reasoning_features(model, skill.sae(layer), layer)
+        assert m["reasoning_features"] == found.count == len(m["reasoning_latents"]) and m["reasoning_latents"] == found.latents
+        cards = load_cards(folder / sae_subdir(layer))
+        assert cards.layer == layer and cards.num_latents == 128 and cards.live > 0
+        assert cards.num_tokens <= manifest["dataset"]["heldout_chunks"] * manifest["dataset"]["heldout_chunk_len"]
+        contexts = [c for card in cards.cards.values() for c in card.contexts]
+        assert contexts and all(c.position > 0 for c in contexts)  # the attention-sink position never counts
+        assert all(c.token_id not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) for c in contexts)
+    report = json.loads((folder / "report.json").read_text())
+    assert [(r["layer"], r["reasoning_features"], r["fvu"]) for r in report["layers"]] == [
+        (i, manifest["metrics"][str(i)]["reasoning_features"], manifest["metrics"][str(i)]["fvu"]) for i in (1, 2)
+    ]
+    assert (folder / "report.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    # cards off: no cards, no counts, no report
+    assert main([*argv[:-10], "--name", "nocards", *argv[-8:], "--no-cards"]) == 0
+    bare = store.manifest("skill", ("nocards",))
+    assert not any(f.endswith("latents.json") or f.startswith("report.") for f in bare["files"])
+    assert "reasoning_features" not in bare["metrics"]["1"] and bare["train"]["cards"] is False

@@ -377,3 +377,68 @@ class GenerateResponse(BaseModel):
     skill: str | None = None
     cross_model: bool = Field(False, description="The skill's adapter was built on another (compatible) model.")
     adapter_target: str | None = Field(None, description="The model the attached adapter was built on.")
+
+
+# ---------------------------------------------------------------- transparency
+
+
+class InspectRequest(Strict):
+    model: Name = Field(description="Registered model name whose residual stream the skill's SAE reads (same hidden size).")
+    prompt: str = Field(..., min_length=1, description="Text to inspect (tokenized without special tokens, as in training).")
+    layer: int | None = Field(None, ge=0, description="Which of the skill's SAE layers; default the skill's default layer.")
+    top: int = Field(8, ge=1, le=256, description="Strongest active latents shown per token.")
+
+
+class LatentActivation(BaseModel):
+    index: int = Field(description="Latent index in the SAE.")
+    activation: float
+
+
+class TokenLatentsView(BaseModel):
+    token: str = Field(description="The token as text (decoded on its own).")
+    token_id: int
+    position: int = Field(description="0-based position in the prompt.")
+    latents: list[LatentActivation] = Field(description="Active latents (activation > 0), strongest first.")
+
+
+class InspectResponse(BaseModel):
+    skill: str
+    model: str
+    layer: int
+    tokens: list[TokenLatentsView] = Field(description="One entry per prompt token, in order.")
+
+
+class LatentContextView(BaseModel):
+    chunk: int = Field(description="Corpus chunk the firing token is in.")
+    position: int = Field(description="Position of the firing token in that chunk.")
+    activation: float
+    token_id: int
+    token: str = Field(description="The firing token as text.")
+    before: str = Field(description="Tokens before it, as text.")
+    after: str = Field(description="Tokens after it, as text.")
+    text: str = Field(description="`before «token» after`: the window with the firing token marked.")
+
+
+class LatentCardView(BaseModel):
+    skill: str
+    layer: int
+    index: int = Field(description="Latent index in the SAE.")
+    num_latents: int
+    density: float = Field(description="Fraction of counted corpus tokens where the latent is active (0: dead).")
+    mean_activation: float = Field(description="Mean activation where it is active.")
+    num_tokens: int = Field(description="Corpus tokens the card was computed over.")
+    contexts: list[LatentContextView] = Field(description="Top-activating contexts, strongest first.")
+
+
+class LayerReportRow(BaseModel):
+    layer: int
+    fvu: float | None = Field(None, description="Held-out fraction of variance unexplained (lower is better).")
+    dead_fraction: float | None = Field(None, description="Share of latents that never fired in training.")
+    loss_recovered: float | None = Field(None, description="Next-token loss recovered by the SAE splice vs zero-ablation.")
+    reasoning_features: int | None = Field(None, description="Latents firing on the think tags of the system prompt only (paper §5).")
+
+
+class LayerReport(BaseModel):
+    skill: str | None = None
+    default_layer: int | None = None
+    layers: list[LayerReportRow]

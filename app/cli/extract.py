@@ -27,6 +27,7 @@ def register(p) -> None:
     p.add_argument("--default-layer", type=int, metavar="I", help="layer the skill uses by default (default: best loss recovered)")
     p.add_argument("--init-from", metavar="DIR", help="fine-tune from an existing skill (stored name or local folder)")
     p.add_argument("--replace", action="store_true", help="replace an existing skill of the same name")
+    p.add_argument("--no-cards", action="store_true", help="skip latent cards, reasoning-feature counts and the layer report")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a table")
 
 
@@ -58,6 +59,7 @@ def run(args) -> int:
         "auxk_alpha": args.auxk_alpha,
         "heldout_fraction": args.heldout_fraction,
         "heldout_max_tokens": args.heldout_tokens,
+        "cards": False if args.no_cards else None,
         "seed": args.seed,
     }
     params = {
@@ -90,6 +92,8 @@ def run(args) -> int:
     print(_table(manifest))
     print(f"skill {result['skill']}: layers {manifest['layers']}, default layer {manifest['default_layer']}, "
           f"{manifest['tokens_seen']:,} tokens in {manifest['wall_s']:.1f}s")
+    if "report.png" in (manifest.get("files") or {}):
+        print(f"layer report: {ctx.store.fetch('skill', (result['skill'],)) / 'report.png'}")
     return 0
 
 
