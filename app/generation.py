@@ -2,9 +2,10 @@
 
 `GenerationService.generate(req)` resolves the model (registered names only, loaded on
 first use), the skill's adapter for that model from the store (or a compatible adapter
-built on another model: a cross-model attach, paper §4.3), and runs the engine in a
-worker thread so the event loop stays free. The continuous-batching scheduler replaces
-the engine call inside this class; the route does not change.
+built on another model: a cross-model attach, paper §4.3), and queues the request on
+the model's continuous-batching scheduler (`BatchedGeneration`, also behind the
+OpenAI-compatible /v1 routes), which streams tokens as they are decoded. The
+single-request engine path (`_generate_sync`) stays for callers that hold the model's lock.
 
 `ModelCatalog` answers "which models exist and what shape are they" from their configs,
 without loading weights (validation of job requests, GET /models).
@@ -603,7 +604,9 @@ class BatchedGeneration:
             raise Invalid(str(exc)) from None
         return BatchedRequest(handle, model, skill, bool(target and target != model), target, len(ids))
 
-    async def submit(self, model: str, skill: str | None, *, prompt: str | None = None, messages: list[dict] | None = None, params) -> BatchedRequest:
+    async def submit(
+        self, model: str, skill: str | None, *, prompt: str | None = None, messages: list[dict] | None = None, params
+    ) -> BatchedRequest:
         """Queue one request (errors raise here, before any response starts): 404 unknown model/skill,
         409 incompatible adapter, 413/422 limits, 429 queue full (Retry-After), 503 stopping."""
         self.catalog.spec(model)
