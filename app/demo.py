@@ -43,6 +43,8 @@ class DemoConfig:
     """Held-out tokens scored per layer after SAE training (FVU, loss recovered)."""
     sft_steps: int = 200
     """Optimizer steps of the stand-in source's SFT (batch 8)."""
+    sft_batch_size: int = 8
+    """Rows per SFT step."""
     sft_lr: float = 3e-4
     """SFT learning rate."""
     tune_epochs: int = 1
@@ -69,7 +71,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(
-            train_rows=200, test_rows=20, chunk_len=128, sae_max_tokens=16_384, heldout_tokens=1024, sft_steps=12, tune_max_steps=12,
+            train_rows=200, test_rows=20, chunk_len=128, sae_max_tokens=16_384, heldout_tokens=1024, sft_steps=8, sft_batch_size=4, tune_max_steps=12,
             max_tokens=24, self_variant=False,
         )
 
@@ -240,7 +242,7 @@ def _make_sft_source(cfg: DemoConfig, train, store) -> dict:
     model = load_model(ModelRegistry.load(s.models_file).get(MODEL), device=s.device, cache_dir=s.cache_dir)
     bar = ProgressBar("step")
     with tempfile.TemporaryDirectory(prefix="resa-sft-") as tmp:
-        res = train_sft_lora(model, train, SFTConfig(max_steps=cfg.sft_steps, lr=cfg.sft_lr, seed=cfg.seed), Path(tmp), progress=bar)
+        res = train_sft_lora(model, train, SFTConfig(max_steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed), Path(tmp), progress=bar)
         bar.close()
         store.commit("adapter", (MODEL, "demo-source"), Path(tmp), {**res.manifest, "skill": "demo-source"})
     del model
