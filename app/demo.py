@@ -25,9 +25,9 @@ MODEL = "smollm2-135m"
 
 @dataclass
 class DemoConfig:
-    train_rows: int = 2000
+    train_rows: int = 1000
     """Arithmetic QA rows for SFT, extraction and tuning."""
-    test_rows: int = 100
+    test_rows: int = 60
     """Held-out rows for evaluation."""
     layer: int = 12
     """Hookpoint: output of decoder block `layer` (SmolLM2 has 30)."""
@@ -37,11 +37,11 @@ class DemoConfig:
     """TopK latents per token."""
     chunk_len: int = 256
     """Tokens per training chunk (the authors use 2048; shorter suits a CPU)."""
-    sae_max_tokens: int = 400_000
+    sae_max_tokens: int = 65_536
     """Activation tokens the SAE sees."""
-    heldout_tokens: int = 4096
+    heldout_tokens: int = 2048
     """Held-out tokens scored per layer after SAE training (FVU, loss recovered)."""
-    sft_steps: int = 200
+    sft_steps: int = 40
     """Optimizer steps of the stand-in source's SFT (batch 8)."""
     sft_batch_size: int = 8
     """Rows per SFT step."""
@@ -49,7 +49,7 @@ class DemoConfig:
     """SFT learning rate."""
     tune_epochs: int = 1
     """SAE-guided tuning epochs over the training chunks."""
-    tune_max_steps: int | None = 300
+    tune_max_steps: int | None = 60
     """Cap on SAE-guided tuning steps (batch 1)."""
     tune_lr: float = 1e-4
     """SAE-guided tuning lr (the authors use 1e-6 for 1.5B models over far more steps)."""

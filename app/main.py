@@ -36,14 +36,6 @@ target model (`POST /skills/{name}/adapters`), and generate with a skill attache
 """
 
 
-def _open_store(settings: Settings):
-    if hasattr(settings, "open_store"):
-        return settings.open_store()
-    from adapters_store import ArtifactStore
-
-    return ArtifactStore(settings.store_url, cache_dir=settings.cache_dir)
-
-
 def create_app(settings: Settings | None = None, *, load_default_model: bool = True, supervise: bool = True) -> FastAPI:
     """The service. `load_default_model`: start loading settings.default_model at startup;
     `supervise`: periodically fail dead jobs and release dependents of failed ones."""
@@ -69,7 +61,7 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
             app.state.generation.close()
 
     app = FastAPI(title="resa", version=_version(), description=DESCRIPTION, lifespan=lifespan)
-    store = _open_store(settings)
+    store = settings.open_store()
     catalog = ModelCatalog(settings)
     app.state.settings = settings
     app.state.store = store
