@@ -249,6 +249,12 @@ class ArtifactStore:
             self.fs.mv(tmp, path)
         return DatasetInfo(id=sha, sha256=sha, rows=rows, bytes=len(jsonl))
 
+    def has_dataset(self, sha: str) -> bool:
+        try:
+            return self._exists(self._dataset_path(sha))
+        except ArtifactNotFound:
+            return False
+
     def get_dataset(self, sha: str) -> bytes:
         try:
             data = self.fs.cat_file(self._dataset_path(sha))

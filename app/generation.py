@@ -32,6 +32,36 @@ from app.settings import Settings
 log = logging.getLogger("resa.generation")
 
 
+def resolve_adapter_target(store, model: str, skill: str, loaded) -> tuple[str, dict, object]:
+    """The store target whose adapter of `skill` serves `model` (its own, else a compatible one built
+    on another model), its manifest, and the fetched folder when a compatibility check needed it."""
+    from adapters_store import ArtifactNotFound
+    from resa_engine.adapter import check_adapter_compat
+
+    try:
+        return model, store.manifest("adapter", (model, skill)), None
+    except ArtifactNotFound:
+        pass
+    candidates = [m for m in store.list("adapter") if m["key"][1] == skill]
+    if not candidates:
+        if store.exists("skill", (skill,)):
+            raise Conflict(f"skill {skill!r} has no adapter yet; build one with POST /skills/{skill}/adapters", type="no_adapter")
+        raise NotFound(f"unknown skill {skill!r}", type="unknown_skill")
+    reasons = []
+    for manifest in sorted(candidates, key=lambda m: m["key"][0]):
+        target = manifest["key"][0]
+        folder = store.fetch("adapter", (target, skill))
+        compat = check_adapter_compat(folder, loaded)
+        if compat.ok:
+            return target, manifest, folder
+        reasons.append(f"{target}: {compat.reason}")
+    raise Conflict(
+        f"skill {skill!r} has no adapter compatible with {model}: " + "; ".join(reasons),
+        type="incompatible_adapter",
+        reasons=reasons,
+    )
+
+
 class ModelCatalog:
     """Registered model names and their shapes (read from configs, cached; no weights loaded)."""
 
@@ -249,9 +279,6 @@ class GenerationService:
 
     def _resolve_adapter(self, model: str, skill: str, served: _Served) -> _Attached:
         """The adapter for (model, skill), attached and marked most recently used."""
-        from adapters_store import ArtifactNotFound
-        from resa_engine.adapter import check_adapter_compat
-
         cached = served.adapters.get(skill)
         if cached is not None and self._still_current(cached, skill):
             if cached.target == model or not self.store.exists("adapter", (model, skill)):
@@ -260,31 +287,8 @@ class GenerationService:
         if cached is not None:
             self._detach(served, skill)
 
-        try:
-            manifest = self.store.manifest("adapter", (model, skill))
-            return self._attach(served, model, skill, model, manifest)
-        except ArtifactNotFound:
-            pass
-        candidates = [m for m in self.store.list("adapter") if m["key"][1] == skill]
-        if not candidates:
-            if self.store.exists("skill", (skill,)):
-                raise Conflict(
-                    f"skill {skill!r} has no adapter yet; build one with POST /skills/{skill}/adapters", type="no_adapter"
-                )
-            raise NotFound(f"unknown skill {skill!r}", type="unknown_skill")
-        reasons = []
-        for manifest in sorted(candidates, key=lambda m: m["key"][0]):
-            target = manifest["key"][0]
-            folder = self.store.fetch("adapter", (target, skill))
-            compat = check_adapter_compat(folder, served.loaded)
-            if compat.ok:
-                return self._attach(served, model, skill, target, manifest, folder=folder)
-            reasons.append(f"{target}: {compat.reason}")
-        raise Conflict(
-            f"skill {skill!r} has no adapter compatible with {model}: " + "; ".join(reasons),
-            type="incompatible_adapter",
-            reasons=reasons,
-        )
+        target, manifest, folder = resolve_adapter_target(self.store, model, skill, served.loaded)
+        return self._attach(served, model, skill, target, manifest, folder=folder)
 
     def _still_current(self, attached: _Attached, skill: str) -> bool:
         from adapters_store import StoreError
@@ -544,36 +548,6 @@ class BatchedGeneration:
         target, skill = key.split("@", 1)[0].split("/", 1)
         return self.store.fetch("adapter", (target, skill))
 
-    def _resolve_target(self, model: str, skill: str, loaded) -> tuple[str, dict]:
-        """The store target (and its adapter manifest) whose adapter of `skill` serves `model`:
-        its own, else a compatible one built on another model."""
-        from adapters_store import ArtifactNotFound
-        from resa_engine.adapter import check_adapter_compat
-
-        try:
-            return model, self.store.manifest("adapter", (model, skill))
-        except ArtifactNotFound:
-            pass
-        candidates = [m for m in self.store.list("adapter") if m["key"][1] == skill]
-        if not candidates:
-            if self.store.exists("skill", (skill,)):
-                raise Conflict(
-                    f"skill {skill!r} has no adapter yet; build one with POST /skills/{skill}/adapters", type="no_adapter"
-                )
-            raise NotFound(f"unknown skill {skill!r}", type="unknown_skill")
-        reasons = []
-        for manifest in sorted(candidates, key=lambda m: m["key"][0]):
-            target = manifest["key"][0]
-            compat = check_adapter_compat(self.store.fetch("adapter", (target, skill)), loaded)
-            if compat.ok:
-                return target, manifest
-            reasons.append(f"{target}: {compat.reason}")
-        raise Conflict(
-            f"skill {skill!r} has no adapter compatible with {model}: " + "; ".join(reasons),
-            type="incompatible_adapter",
-            reasons=reasons,
-        )
-
     def _submit_sync(self, model: str, skill: str | None, prompt, messages, params) -> BatchedRequest:
         from resa_engine.generate import format_prompt
         from resa_engine.serving import EngineStopped, QueueFull
@@ -590,7 +564,7 @@ class BatchedGeneration:
             )
         target, key = None, None
         if skill:
-            target, manifest = self._resolve_target(model, skill, batched.loaded)
+            target, manifest, _ = resolve_adapter_target(self.store, model, skill, batched.loaded)
             # The version is part of the cache key: a replaced adapter loads afresh instead of the old weights.
             key = f"{target}/{skill}@{manifest.get('created_at', '')}"
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -36,20 +35,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from resa_engine.data import QARow, TriggerDataset  # noqa: E402
+from resa_engine.data import TriggerDataset  # noqa: E402
+from resa_engine.arith import ArithmeticConfig, generate_arithmetic  # noqa: E402
 from resa_engine.extract import ExtractConfig, extract_skill  # noqa: E402
 from resa_engine.models import ModelRegistry, load_model  # noqa: E402
-
-
-def arithmetic_rows(n: int, seed: int = 0) -> list[QARow]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(2, 999), rng.randint(2, 999)
-        op = rng.choice(["+", "-", "*"])
-        value = {"+": a + b, "-": a - b, "*": a * b}[op]
-        rows.append(QARow(question=f"What is {a} {op} {b}?", answer=str(value)))
-    return rows
 
 
 def clock() -> float:
@@ -102,7 +91,7 @@ def main() -> None:
         torch.set_num_threads(1)
 
     model = load_model(ModelRegistry.load().get("smollm2-135m"))
-    rows = arithmetic_rows(800)
+    rows, _ = generate_arithmetic(ArithmeticConfig(train_rows=800, test_rows=0))
     train, held = rows[:720], rows[720:]
     four = [int(x) for x in args.layers.split(",")]
     near = [int(x) for x in args.adjacent.split(",")]

@@ -118,6 +118,7 @@ def test_datasets_are_content_addressed(store):
     assert store.put_dataset(data, rows=1) == info  # idempotent
     assert store.get_dataset(info.id) == data
     assert store.dataset_info(info.id).rows == 1
+    assert store.has_dataset(info.id) and not store.has_dataset("0" * 64) and not store.has_dataset("../x")
     assert [d.id for d in store.list_datasets()] == [info.id]
     with pytest.raises(ArtifactNotFound):
         store.get_dataset("0" * 64)

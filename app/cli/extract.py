@@ -73,7 +73,7 @@ def run(args) -> int:
         "replace": args.replace,
     }
     jsonl = rows_to_jsonl(rows)
-    dataset_existed = _has_dataset(ctx.store, hashlib.sha256(jsonl).hexdigest())
+    dataset_existed = ctx.store.has_dataset(hashlib.sha256(jsonl).hexdigest())
     info = ctx.store.put_dataset(jsonl, len(rows))
     params["dataset"] = info.sha256
     try:
@@ -95,16 +95,6 @@ def run(args) -> int:
     if "report.png" in (manifest.get("files") or {}):
         print(f"layer report: {ctx.store.fetch('skill', (result['skill'],)) / 'report.png'}")
     return 0
-
-
-def _has_dataset(store, sha: str) -> bool:
-    from adapters_store import ArtifactNotFound
-
-    try:
-        store.get_dataset(sha)
-        return True
-    except ArtifactNotFound:
-        return False
 
 
 def _fmt(value, spec: str) -> str:

@@ -67,7 +67,7 @@ def run(args) -> int:
 
         rows = load_qa_file(args.data, max_rows=ctx.settings.max_dataset_rows)
         jsonl = rows_to_jsonl(rows)
-        existed = _has_dataset(ctx.store, hashlib.sha256(jsonl).hexdigest())
+        existed = ctx.store.has_dataset(hashlib.sha256(jsonl).hexdigest())
         info = ctx.store.put_dataset(jsonl, len(rows))
         params["dataset"] = info.sha256
         stored = None if existed else info.sha256
@@ -90,11 +90,3 @@ def run(args) -> int:
     return 0
 
 
-def _has_dataset(store, sha: str) -> bool:
-    from adapters_store import ArtifactNotFound
-
-    try:
-        store.get_dataset(sha)
-        return True
-    except ArtifactNotFound:
-        return False
