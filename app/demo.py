@@ -123,6 +123,7 @@ class DemoClient:
                     stage = prog.get("stage")
                     if stage:
                         bar.set_description(f"{label} [{stage}]", refresh=False)
+                        bar.unit = "tok" if stage == "extract" else "step"  # extraction counts tokens
                     metrics = prog.get("metrics") or {}
                     bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
                     bar.refresh()

@@ -4,8 +4,9 @@
 first use), the skill's adapter for that model from the store (or a compatible adapter
 built on another model: a cross-model attach, paper §4.3), and queues the request on
 the model's continuous-batching scheduler (`BatchedGeneration`, also behind the
-OpenAI-compatible /v1 routes), which streams tokens as they are decoded. The
-single-request engine path (`_generate_sync`) stays for callers that hold the model's lock.
+OpenAI-compatible /v1 routes), which streams tokens as they are decoded. A request may
+also carry SAE edits (`sae`, steering at one layer) and ask for the unsteered completion
+beside the steered one (`compare`). Each model is loaded once, by its scheduler.
 
 `ModelCatalog` answers "which models exist and what shape are they" from their configs,
 without loading weights (validation of job requests, GET /models).
@@ -14,7 +15,6 @@ without loading weights (validation of job requests, GET /models).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -163,45 +163,16 @@ class GenerationResult:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Attached:
-    """An adapter loaded into a served model under a PEFT adapter name."""
-
-    name: str
-    target: str
-    created_at: str
-    cross_model: bool
-
-
-@dataclass
-class _Served:
-    """A loaded model, its lock (the single-request engine runs one request at a time) and its adapters."""
-
-    loaded: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    adapters: "OrderedDict[str, _Attached]" = field(default_factory=OrderedDict)  # skill -> attached, LRU order
-
-
-@dataclass
-class _Prepared:
-    served: _Served
-    model: str
-    skill: str | None
-    attached: _Attached | None
-    input_ids: list[int]
-    params: Any
-
-
 class GenerationService:
-    """Completions on registered models with a skill attached per request."""
+    """Completions on registered models with a skill attached per request.
+
+    Every model is loaded once, into its continuous-batching scheduler (`BatchedGeneration`);
+    other uses of the weights (`run_on_base`, e.g. inspect) run on the scheduler's own thread
+    between decode steps."""
 
     def __init__(self, settings: Settings, store, catalog: ModelCatalog | None = None):
         self.settings, self.store = settings, store
         self.catalog = catalog or ModelCatalog(settings)
-        self._models: dict[str, _Served] = {}
-        self._loading: dict[str, threading.Lock] = {}
-        self._load_errors: dict[str, str] = {}
-        self._guard = threading.Lock()
         self.batched = BatchedGeneration(settings, store, self.catalog)
 
     # ------------------------------------------------------------ models
@@ -212,13 +183,13 @@ class GenerationService:
 
     @property
     def loaded_models(self) -> list[str]:
-        return sorted(self._models)
+        return self.batched.loaded_models
 
     def is_loaded(self, name: str) -> bool:
-        return name in self._models
+        return name in self.batched.loaded_models
 
     def load_error(self, name: str) -> str | None:
-        return self._load_errors.get(name)
+        return self.batched.load_errors.get(name)
 
     def start_loading(self, name: str) -> threading.Thread:
         """Load a model in the background (the default model at startup)."""
@@ -226,8 +197,7 @@ class GenerationService:
         def load() -> None:
             try:
                 self.catalog.describe(name)
-                self._served(name)
-                self.batched.served(name)  # the scheduler's copy, so the first request does not wait for it
+                self.batched.served(name)
                 log.info("model %s loaded", name)
             except Exception as exc:  # noqa: BLE001 - reported by /readyz, retried on first use
                 log.error("loading model %s failed: %s", name, getattr(exc, "message", exc))
@@ -236,100 +206,22 @@ class GenerationService:
         thread.start()
         return thread
 
-    def _served(self, name: str) -> _Served:
-        served = self._models.get(name)
-        if served is not None:
-            return served
-        spec = self.catalog.spec(name)
-        with self._guard:
-            lock = self._loading.setdefault(name, threading.Lock())
-        with lock:
-            if name in self._models:
-                return self._models[name]
-            from resa_engine.models import load_model
-
-            try:
-                loaded = load_model(spec, device=self.settings.device, cache_dir=self.settings.cache_dir)
-            except Exception as exc:  # noqa: BLE001 - ModelError, missing files, out of memory: all say "unavailable"
-                self._load_errors[name] = str(exc)
-                raise Unavailable(f"model {name!r} cannot be loaded: {exc}", type="model_unavailable") from None
-            self._load_errors.pop(name, None)
-            self._models[name] = _Served(loaded)
-            return self._models[name]
-
     async def run_on_base(self, name: str, fn):
-        """`fn(LoadedModel)` in a worker thread under the model's lock, on the base weights (adapters
-        attached for generation are disabled for the call); the model loads on first use."""
+        """`fn(LoadedModel)` on the base weights of the served model (loaded on first use), run by its
+        scheduler between decode steps, so it never races a batch's adapters or hooks."""
+        from resa_engine.serving import EngineStopped
+
         self.catalog.spec(name)
-
-        def call():
-            from peft import PeftModel
-
-            served = self._served(name)
-            with served.lock:
-                peft_model = served.loaded.model
-                if not isinstance(peft_model, PeftModel):
-                    return fn(served.loaded)
-                with peft_model.disable_adapter():
-                    return fn(served.loaded)
-
-        return await asyncio.to_thread(call)
-
-    # ------------------------------------------------------------ adapters
-
-    def _resolve_adapter(self, model: str, skill: str, served: _Served) -> _Attached:
-        """The adapter for (model, skill), attached and marked most recently used."""
-        cached = served.adapters.get(skill)
-        if cached is not None and self._still_current(cached, skill):
-            if cached.target == model or not self.store.exists("adapter", (model, skill)):
-                served.adapters.move_to_end(skill)
-                return cached
-        if cached is not None:
-            self._detach(served, skill)
-
-        target, manifest, folder = resolve_adapter_target(self.store, model, skill, served.loaded)
-        return self._attach(served, model, skill, target, manifest, folder=folder)
-
-    def _still_current(self, attached: _Attached, skill: str) -> bool:
-        from adapters_store import StoreError
-
+        batched = await asyncio.to_thread(self.batched.served, name)
         try:
-            return self.store.manifest("adapter", (attached.target, skill)).get("created_at") == attached.created_at
-        except StoreError:
-            return False
-
-    def _attach(self, served: _Served, model: str, skill: str, target: str, manifest: dict, folder=None) -> _Attached:
-        from resa_engine.adapter import attach_adapter
-
-        folder = folder or self.store.fetch("adapter", (target, skill))
-        created = str(manifest.get("created_at", ""))
-        # PEFT adapter names become module keys: no dots; unique per (target, skill, version).
-        name = "a" + hashlib.sha256(f"{target}/{skill}/{created}".encode()).hexdigest()[:16]
-        while len(served.adapters) >= max(1, int(self.settings.adapter_cache_size)):
-            oldest = next(iter(served.adapters))
-            self._detach(served, oldest)
-        attach_adapter(served.loaded, folder, name=name)
-        # Cross-model means built on another registered model (the store key says which).
-        attached = _Attached(name=name, target=target, created_at=created, cross_model=target != model)
-        served.adapters[skill] = attached
-        return attached
-
-    def _detach(self, served: _Served, skill: str) -> None:
-        from resa_engine.adapter import AdapterError, detach_adapter
-
-        attached = served.adapters.pop(skill, None)
-        if attached is None:
-            return
-        try:
-            detach_adapter(served.loaded, attached.name)
-        except AdapterError:
-            pass
+            return await asyncio.wrap_future(batched.scheduler.call(fn))
+        except EngineStopped as exc:
+            raise Unavailable(str(exc), type="engine_stopped") from None
 
     def forget_skill(self, skill: str) -> None:
-        """Drop a deleted skill's adapters from every served model."""
-        for served in list(self._models.values()):
-            with served.lock:
-                self._detach(served, skill)
+        """A deleted skill: drop its steering SAEs. Its adapters become unreachable (the store no longer
+        resolves them) and leave the adapter caches by LRU."""
+        self.batched.forget_skill(skill)
 
     # ------------------------------------------------------------ generation
 
@@ -338,103 +230,44 @@ class GenerationService:
         if not model:
             raise Invalid("no `model` given and the server has no default model", type="invalid_request")
         self.catalog.spec(model)
-        if req.max_tokens > self.settings.max_new_tokens:
-            raise Invalid(
-                f"max_tokens {req.max_tokens} is over this server's limit of {self.settings.max_new_tokens}",
-                type="max_tokens_too_large",
-            )
         return model
 
-    def _prepare(self, req, model: str) -> _Prepared:
-        """Load, tokenize, check the prompt length and attach the skill (under the model's lock)."""
-        from resa_engine.generate import format_prompt
-        from resa_engine.sampling import SamplingParams
-
-        served = self._served(model)
-        try:
-            params = SamplingParams(
-                max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=list(req.stop or [])
-            )
-            messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-            ids = format_prompt(served.loaded.tokenizer, req.prompt, messages)
-        except ValueError as exc:
-            raise Invalid(str(exc)) from None
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise TooLarge(
-                f"prompt is {len(ids)} tokens, over this server's limit of {self.settings.max_prompt_tokens}",
-                type="prompt_too_long",
-            )
-        attached = self._resolve_adapter(model, req.skill, served) if req.skill else None
-        return _Prepared(served, model, req.skill, attached, ids, params)
-
-    def _run(self, prep: _Prepared) -> GenerationResult:
-        from resa_engine.generate import generate
-
-        completion = generate(
-            prep.served.loaded.model,
-            prep.served.loaded.tokenizer,
-            input_ids=prep.input_ids,
-            params=prep.params,
-            adapter=prep.attached.name if prep.attached else None,
-        )
-        return GenerationResult(
-            text=completion.text,
-            finish_reason=completion.finish_reason,
-            usage=completion.usage.to_dict(),
-            model=prep.model,
-            skill=prep.skill,
-            cross_model=bool(prep.attached and prep.attached.cross_model),
-            adapter_target=prep.attached.target if prep.attached else None,
-        )
-
-    def _generate_sync(self, req, model: str) -> GenerationResult:
-        served = self._served(model)
-        with served.lock:
-            return self._run(self._prepare(req, model))
-
-    async def generate(self, req) -> GenerationResult:
+    async def generate(self, req) -> dict:
         """One completion through the model's continuous-batching scheduler; raises ApiError (404 unknown
         model/skill, 409 incompatible or corrupt adapter, 413/422 limits, 429 queue full)."""
         queued = await self._submit_batched(req, self._check_request(req))
-        stream = queued.handle.stream()
         try:
-            async for item in stream:
-                if hasattr(item, "finish_reason"):  # the Completion, after the Deltas
-                    return self._batched_result(queued, item)
+            completions = await queued.results()
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - the request's own failure (adapter load, stop)
             raise _as_api(exc) from None
-        finally:
-            await stream.aclose()  # leaving early (the caller was cancelled) cancels the request
-        raise ApiError("generation ended without a result")
+        return self._batched_result(queued, *completions)
 
     async def stream(self, req) -> AsyncIterator[dict]:
         """Check, queue and wait for the first token (errors raise before anything is sent), then
-        yield the scheduler's text deltas as they are decoded and a final event."""
+        yield the scheduler's text deltas as they are decoded and a final event per completion
+        (with `compare`, events carry `index`: 0 steered, 1 unsteered)."""
         queued = await self._submit_batched(req, self._check_request(req))
-        stream = queued.handle.stream()
         try:
-            first = await anext(stream)
-        except BaseException as exc:
-            await stream.aclose()
-            if isinstance(exc, (ApiError, asyncio.CancelledError)) or not isinstance(exc, Exception):
-                raise
+            items = await queued.open()
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - see generate
             raise _as_api(exc) from None
+        indexed = len(queued.handles) > 1
 
         async def events() -> AsyncIterator[dict]:
             try:
-                item = first
-                while True:
+                async for index, item in items:
+                    tag = {"index": index} if indexed else {}
                     if hasattr(item, "finish_reason"):
-                        result = self._batched_result(queued, item)
-                        yield {"text": "", "done": True, **{k: v for k, v in result.to_dict().items() if k != "text"}}
-                        return
-                    if item.text:
-                        yield {"text": item.text}
-                    item = await anext(stream)
+                        result = self._batched_result(queued, item) if index == 0 else _plain_result(item)
+                        yield {"text": "", **tag, "done": True, **{k: v for k, v in result.items() if k != "text"}}
+                    elif item.text:
+                        yield {"text": item.text, **tag}
             finally:
-                await stream.aclose()  # a client that went away cancels the request
+                await items.aclose()  # a client that went away cancels the request
 
         return events()
 
@@ -448,11 +281,13 @@ class GenerationService:
         except ValueError as exc:
             raise Invalid(str(exc)) from None
         messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-        return await self.batched.submit(model, req.skill, prompt=req.prompt, messages=messages, params=params)
+        return await self.batched.submit(
+            model, req.skill, prompt=req.prompt, messages=messages, params=params, sae=req.sae, compare=req.compare
+        )
 
     @staticmethod
-    def _batched_result(queued: "BatchedRequest", completion) -> GenerationResult:
-        return GenerationResult(
+    def _batched_result(queued: "BatchedRequest", completion, unsteered=None) -> dict:
+        result = GenerationResult(
             text=completion.text,
             finish_reason=completion.finish_reason,
             usage=completion.usage.to_dict(),
@@ -460,11 +295,15 @@ class GenerationService:
             skill=queued.skill,
             cross_model=queued.cross_model,
             adapter_target=queued.adapter_target,
-        )
+        ).to_dict()
+        if queued.steering is not None:
+            result["sae"] = queued.steering
+        if unsteered is not None:
+            result["unsteered"] = _plain_result(unsteered)
+        return result
 
     def close(self) -> None:
         self.batched.close()
-        self._models.clear()
 
 
 # ------------------------------------------------------------ continuous batching
@@ -472,14 +311,113 @@ class GenerationService:
 
 @dataclass
 class BatchedRequest:
-    """A request queued on a model's scheduler, with what the response must say about it."""
+    """A request queued on a model's scheduler, with what the response must say about it.
 
-    handle: Any
+    `handles[0]` is the request; with `compare`, `handles[1]` is the same request without the
+    SAE edits, decoded in the same batch."""
+
+    handles: list
     model: str
     skill: str | None
     cross_model: bool
     adapter_target: str | None
     prompt_tokens: int
+    steering: dict | None = None
+    """{"skill", "layer", "edits"} when the request is steered."""
+
+    @property
+    def handle(self):
+        return self.handles[0]
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def open(self) -> AsyncIterator[tuple[int, Any]]:
+        """(index, Delta | Completion) items of every handle, interleaved as they are decoded. Each
+        handle's first item is awaited here, so a failure before the first token (adapter load,
+        corrupt artifact) raises from `open()` rather than mid-stream. Closing the iterator early
+        cancels whatever is still running."""
+        primed = []
+        try:
+            for handle in self.handles:
+                primed.append(await _primed(handle.stream()))
+        except BaseException:
+            for stream in primed:
+                await stream.aclose()
+            self.cancel()
+            raise
+        return _merge(primed)
+
+    async def results(self) -> list:
+        """Every handle's Completion, in order (cancels the rest if one fails)."""
+        out: dict[int, Any] = {}
+        items = await self.open()
+        try:
+            async for index, item in items:
+                if hasattr(item, "finish_reason"):
+                    out[index] = item
+        finally:
+            await items.aclose()
+        return [out[i] for i in range(len(self.handles))]
+
+
+async def _primed(stream: AsyncIterator) -> AsyncIterator:
+    """`stream` with its first item already produced (a failure raises here)."""
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+
+    async def rest():
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()  # leaving early (client gone) cancels the request
+
+    return rest()
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave async iterators as (index, item); the first failure propagates and stops the others."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put((index, done))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -489,6 +427,8 @@ class _Batched:
     loaded: Any
     adapters: Any
     scheduler: Any
+    saes: "OrderedDict[tuple, Any]" = field(default_factory=OrderedDict)
+    """Steering SAEs on the model's device, LRU by (skill, version, layer)."""
 
 
 class BatchedGeneration:
@@ -501,12 +441,26 @@ class BatchedGeneration:
     adapter built on another model (cross-model, paper §4.3).
     """
 
+    SAE_CACHE = 8
+    """Steering SAEs kept loaded per model."""
+
     def __init__(self, settings: Settings, store, catalog: ModelCatalog):
         self.settings, self.store, self.catalog = settings, store, catalog
         self._models: dict[str, _Batched] = {}
         self._guard = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self._closed = False
+        self.load_errors: dict[str, str] = {}
+
+    @property
+    def loaded_models(self) -> list[str]:
+        return sorted(self._models)
+
+    def forget_skill(self, skill: str) -> None:
+        with self._guard:
+            for batched in self._models.values():
+                for key in [k for k in batched.saes if k[0] == skill]:
+                    del batched.saes[key]
 
     def served(self, name: str) -> _Batched:
         """The model's scheduler, loading the model and starting the loop on first use."""
@@ -528,7 +482,9 @@ class BatchedGeneration:
             try:
                 loaded = load_model(spec, device=self.settings.device, cache_dir=self.settings.cache_dir)
             except Exception as exc:  # noqa: BLE001 - ModelError, missing files, out of memory: all say "unavailable"
+                self.load_errors[name] = str(exc)
                 raise Unavailable(f"model {name!r} cannot be loaded: {exc}", type="model_unavailable") from None
+            self.load_errors.pop(name, None)
             cache = AdapterCache(loaded, self._fetch, capacity=max(1, int(self.settings.adapter_cache_size)))
             s = self.settings
             scheduler = Scheduler(
@@ -548,7 +504,47 @@ class BatchedGeneration:
         target, skill = key.split("@", 1)[0].split("/", 1)
         return self.store.fetch("adapter", (target, skill))
 
-    def _submit_sync(self, model: str, skill: str | None, prompt, messages, params) -> BatchedRequest:
+    def _steering(self, model: str, batched: "_Batched", spec) -> tuple[Any, dict]:
+        """The scheduler's Steering for a request's `sae` block: 404 unknown skill, 422 a layer the skill
+        has no SAE at or a bad edit, 409 an SAE that does not read this model's residual stream."""
+        from adapters_store import ArtifactNotFound
+        from resa_engine.models import ModelError
+        from resa_engine.skill import Skill
+        from resa_engine.transparency import LatentEdit, Steering
+
+        try:
+            manifest = self.store.manifest("skill", (spec.skill,))
+        except ArtifactNotFound:
+            raise NotFound(f"unknown skill {spec.skill!r}", type="unknown_skill") from None
+        loaded = batched.loaded
+        try:
+            layer = Skill(spec.skill, Path(), manifest).layer_or_default(spec.layer)
+        except ModelError as exc:
+            raise Invalid(str(exc), type="invalid_layer") from None
+        if int(manifest["d_in"]) != loaded.hidden_size or layer >= loaded.num_layers:
+            raise Conflict(
+                f"skill {spec.skill!r} (SAE width {manifest['d_in']}, layer {layer}) does not read the residual stream of "
+                f"{model} (hidden size {loaded.hidden_size}, {loaded.num_layers} layers)",
+                type="incompatible_skill",
+            )
+        key = (spec.skill, str(manifest.get("created_at", "")), layer)
+        with self._guard:
+            sae = batched.saes.get(key)
+            if sae is not None:
+                batched.saes.move_to_end(key)
+        if sae is None:
+            sae = Skill(spec.skill, self.store.fetch("skill", (spec.skill,)), manifest).sae(layer, device=loaded.device)
+            with self._guard:
+                batched.saes[key] = sae
+                while len(batched.saes) > self.SAE_CACHE:
+                    batched.saes.popitem(last=False)
+        try:
+            steer = Steering(sae, layer, [LatentEdit(e.latent, e.mode, e.value) for e in spec.edits])
+        except ValueError as exc:
+            raise Invalid(str(exc), type="invalid_edit") from None
+        return steer, {"skill": spec.skill, "layer": layer, "edits": len(spec.edits)}
+
+    def _submit_sync(self, model: str, skill: str | None, prompt, messages, params, sae=None, compare=False) -> BatchedRequest:
         from resa_engine.generate import format_prompt
         from resa_engine.serving import EngineStopped, QueueFull
 
@@ -567,29 +563,48 @@ class BatchedGeneration:
             target, manifest, _ = resolve_adapter_target(self.store, model, skill, batched.loaded)
             # The version is part of the cache key: a replaced adapter loads afresh instead of the old weights.
             key = f"{target}/{skill}@{manifest.get('created_at', '')}"
+        steer, steering = self._steering(model, batched, sae) if sae is not None else (None, None)
+        handles = []
         try:
-            handle = batched.scheduler.submit(ids, params, adapter=key)
+            handles.append(batched.scheduler.submit(ids, params, adapter=key, steer=steer))
+            if compare:
+                handles.append(batched.scheduler.submit(ids, params, adapter=key))
         except QueueFull as exc:
+            for handle in handles:
+                handle.cancel()
             retry = max(1, math.ceil(exc.retry_after_s))
             raise ApiError(str(exc), type="rate_limit_exceeded", status=429, headers={"Retry-After": str(retry)}) from None
-        except EngineStopped as exc:
-            raise Unavailable(str(exc), type="engine_stopped") from None
-        except ValueError as exc:
+        except (EngineStopped, ValueError) as exc:
+            for handle in handles:
+                handle.cancel()
+            if isinstance(exc, EngineStopped):
+                raise Unavailable(str(exc), type="engine_stopped") from None
             raise Invalid(str(exc)) from None
-        return BatchedRequest(handle, model, skill, bool(target and target != model), target, len(ids))
+        return BatchedRequest(handles, model, skill, bool(target and target != model), target, len(ids), steering)
 
     async def submit(
-        self, model: str, skill: str | None, *, prompt: str | None = None, messages: list[dict] | None = None, params
+        self,
+        model: str,
+        skill: str | None,
+        *,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        params,
+        sae=None,
+        compare: bool = False,
     ) -> BatchedRequest:
         """Queue one request (errors raise here, before any response starts): 404 unknown model/skill,
-        409 incompatible adapter, 413/422 limits, 429 queue full (Retry-After), 503 stopping."""
+        409 incompatible adapter or SAE, 413/422 limits, 429 queue full (Retry-After), 503 stopping.
+
+        `sae` (schemas.SteerSpec) steers the request with a skill's SAE edits; `compare` also queues
+        it unsteered, in the same batch (`handles[1]`)."""
         self.catalog.spec(model)
         if params.max_tokens > self.settings.max_new_tokens:
             raise Invalid(
                 f"max_tokens {params.max_tokens} is over this server's limit of {self.settings.max_new_tokens}",
                 type="max_tokens_too_large",
             )
-        return await asyncio.to_thread(self._submit_sync, model, skill, prompt, messages, params)
+        return await asyncio.to_thread(self._submit_sync, model, skill, prompt, messages, params, sae, compare)
 
     def close(self) -> None:
         """Finish in-flight requests, refuse new ones, end the loops."""
@@ -619,6 +634,10 @@ def serving_error(exc: BaseException) -> ApiError | None:
     if adapter is not None and isinstance(exc, adapter.AdapterError):
         return Conflict(str(exc), type="incompatible_adapter")
     return None
+
+
+def _plain_result(completion) -> dict:
+    return {"text": completion.text, "finish_reason": completion.finish_reason, "usage": completion.usage.to_dict()}
 
 
 def _as_api(exc: BaseException) -> ApiError:

@@ -28,6 +28,8 @@ loader's error or lora_batch.AdapterMismatch, raised from `stream()` / `result()
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import logging
 import math
@@ -42,6 +44,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .adapter_cache import AdapterCache, AdapterRef
+from .hookpoint import _hidden, _with_hidden
 from .models import LoadedModel
 from .sampling import Completion, SamplingParams, Usage, find_stop, make_generator, sample_next
 
@@ -422,6 +425,8 @@ class _Request:
     ref: AdapterRef | None
     ignore_eos: bool
     submitted: float
+    steer: object | None = None
+    """SAE edits for this row (`transparency.Steering`: `.layer`, `.apply(x)`), or None."""
 
     @property
     def budget(self) -> int:
@@ -499,6 +504,7 @@ class Scheduler:
         self._counts = dict(completed=0, cancelled=0, failed=0, generated_tokens=0, steps=0)
         self._recent_request_s = 1.0
         self._abort_error: BaseException | None = None
+        self._calls: deque[tuple[object, concurrent.futures.Future]] = deque()
         if adapters is not None:
             adapters.add_listener(self._on_adapter_loaded)
 
@@ -541,12 +547,19 @@ class Scheduler:
     # ---------------------------------------------------------------- submit
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None, *, ignore_eos: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        *,
+        steer=None,
+        ignore_eos: bool = False,
     ) -> RequestHandle:
         """Queue a request; raises ValueError (bad request), QueueFull (429) or EngineStopped (503).
 
-        `adapter` is an AdapterCache key (None: the base model); `ignore_eos` keeps generating
-        past EOS (benchmarks)."""
+        `adapter` is an AdapterCache key (None: the base model); `steer` edits this row's residual
+        stream at one block (`transparency.Steering`; other rows of the batch are untouched);
+        `ignore_eos` keeps generating past EOS (benchmarks)."""
         cfg = self.config
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -568,6 +581,8 @@ class Scheduler:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         if adapter is not None and self.adapters is None:
             raise ValueError(f"adapter {adapter!r} requested but this model serves no adapters")
+        if steer is not None and not 0 <= steer.layer < self.model.num_layers:
+            raise ValueError(f"steering layer {steer.layer} is out of range ({self.model.num_layers} layers)")
         with self._cond:
             if not self._accepting:
                 raise EngineStopped(f"model {self.model.name} is not accepting requests")
@@ -575,9 +590,23 @@ class Scheduler:
                 raise QueueFull(f"{len(self._queue)} requests are queued for {self.model.name}", self._retry_after())
             handle = RequestHandle(f"req-{next(self._ids)}", len(prompt), adapter, self)
             ref = self.adapters.acquire(adapter) if adapter is not None else None
-            self._queue.append(_Request(handle, prompt, params, ref, ignore_eos, time.monotonic()))
+            self._queue.append(_Request(handle, prompt, params, ref, ignore_eos, time.monotonic(), steer))
             self._cond.notify_all()
         return handle
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run `fn(model)` on the engine thread between decode steps and return its future.
+
+        The model is then on its base weights (adapter routing is per step) with no hooks of the
+        running batch, and no step runs concurrently: the way to use the served weights for
+        something else (e.g. reading SAE latents) without a second copy. Raises EngineStopped."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if not self._accepting or self._thread is None:
+                raise EngineStopped(f"model {self.model.name} is not accepting requests")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
 
     def stats(self) -> SchedulerStats:
         with self._cond:
@@ -613,15 +642,31 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._rows and not self._admissible():
+                    while not self._rows and not self._admissible() and not self._calls:
                         if not self._accepting and not self._queue:
+                            self._fail_calls()
                             return
                         self._cond.wait(0.5)
+                    calls, self._calls = list(self._calls), deque()
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn(self.model))
+                        except BaseException as exc:  # noqa: BLE001 - the caller's error, handed back
+                            future.set_exception(exc)
+                if not self._rows and not self._admissible():
+                    continue
                 try:
                     self._step()
                 except Exception as exc:  # a failed step fails its requests, never the loop
                     log.exception("decode step failed on %s", self.model.name)
                     self._fail_running(exc)
+
+    def _fail_calls(self) -> None:
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped(f"model {self.model.name} stopped"))
 
     def _admissible(self) -> bool:
         return any(req.ref is None or req.ref.ready for req in self._queue)
@@ -708,7 +753,7 @@ class Scheduler:
         mask = cols >= start
         positions = (cols - start).clamp(min=0)
         kv = BatchKV(self.model.num_layers)
-        logits = self._forward(ids.to(device), mask.to(device), positions.to(device), kv, [r.slot for r in rows], width)
+        logits = self._forward(ids.to(device), mask.to(device), positions.to(device), kv, rows, width)
         for row in rows:
             row.cached = len(row.req.prompt)
         self._sample(rows, logits)
@@ -721,17 +766,19 @@ class Scheduler:
         cached = torch.tensor([r.cached for r in rows])
         ids = torch.tensor([[r.next_token] for r in rows])
         mask = torch.arange(width + 1)[None, :] >= (width - cached)[:, None]
-        logits = self._forward(ids.to(device), mask.to(device), cached[:, None].to(device), kv, [r.slot for r in rows], 1)
+        logits = self._forward(ids.to(device), mask.to(device), cached[:, None].to(device), kv, rows, 1)
         for row in rows:
             row.cached += 1
         self._sample(rows, logits)
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, kv: BatchKV, slots: list[int], seq_len: int) -> Tensor:
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, kv: BatchKV, rows: list[_Row], seq_len: int) -> Tensor:
         model = self.model.model
-        if self.adapters is not None:
-            with self.adapters.bank.route(slots, seq_len):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True, logits_to_keep=1)
-        else:
+        with contextlib.ExitStack() as stack:
+            if self.adapters is not None:
+                stack.enter_context(self.adapters.bank.route([r.slot for r in rows], seq_len))
+            steered = [(i, r.req.steer) for i, r in enumerate(rows) if r.req.steer is not None and r.req.steer.edits]
+            if steered:
+                stack.enter_context(_steering_hooks(self.model.layers, steered))
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True, logits_to_keep=1)
         self._counts["steps"] += 1
         return out.logits[:, -1, :]
@@ -826,6 +873,30 @@ class Scheduler:
         # Time for the batch to work through the queue at the recent per-request latency.
         waves = math.ceil((len(self._queue) + 1) / self.config.max_batch)
         return round(min(60.0, max(1.0, waves * self._recent_request_s)), 1)
+
+
+@contextlib.contextmanager
+def _steering_hooks(layers, steered: list[tuple[int, object]]):
+    """Forward hooks that apply each steered row's SAE edits to its own slice of the block output."""
+    by_layer: dict[int, list[tuple[int, object]]] = {}
+    for row, steer in steered:
+        by_layer.setdefault(steer.layer, []).append((row, steer))
+
+    def make_hook(items):
+        def hook(_module, _inputs, output):
+            hidden = _hidden(output).clone()
+            for row, steer in items:
+                hidden[row] = steer.apply(hidden[row])
+            return _with_hidden(output, hidden)
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(make_hook(items)) for i, items in by_layer.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _as_list(value) -> list:

@@ -634,3 +634,48 @@ def make_edit_fn(edits: list[LatentEdit], *, num_latents: int | None = None) -> 
         return acts, indices
 
     return edit
+
+
+class Steering:
+    """One request's SAE edits, for the serving scheduler: at block `layer`'s output each token's
+    residual x becomes x + decode(edit(encode(x))) - decode(encode(x)).
+
+    That is `splice_sae(edit=make_edit_fn(edits), keep_error=True)` computed without decoding
+    the whole code: the decoder is linear, so only the edited latents' decoder rows move x
+    (by (new - old) * W_dec[latent], `old` being the latent's top-k activation or 0). `add`
+    needs no encoding at all; no edits leave x exactly as it was.
+    """
+
+    def __init__(self, sae, layer: int, edits: list[LatentEdit]):
+        make_edit_fn(edits, num_latents=int(sae.num_latents))  # the same checks as the splice edit
+        if sae.W_dec is None:
+            raise ValueError("the SAE has no decoder weights")
+        self.sae, self.layer, self.edits = sae, int(layer), list(edits)
+        self._latents = torch.tensor([e.latent for e in self.edits], dtype=torch.long, device=sae.W_dec.device)
+        self._rows = sae.W_dec.detach()[self._latents]  # [edits, d_in]
+        self._needs_code = any(e.mode != "add" for e in self.edits)
+
+    def __repr__(self) -> str:
+        return f"Steering(layer={self.layer}, edits={self.edits})"
+
+    @torch.no_grad()
+    def apply(self, x: Tensor) -> Tensor:
+        """x [..., d_in] -> the steered residual, same shape and dtype."""
+        if not self.edits:
+            return x
+        h = x.reshape(-1, x.shape[-1]).to(self.sae.dtype)
+        old = torch.zeros(h.shape[0], len(self.edits), dtype=h.dtype, device=h.device)
+        if self._needs_code:
+            top_acts, top_indices, _ = self.sae.encode(h)
+            # old[t, j]: latent j's activation at token t if in its top-k, else 0 (TopK indices are distinct).
+            old = ((top_indices[:, :, None] == self._latents[None, None, :]) * top_acts[:, :, None]).sum(1)
+        coef = torch.stack([self._coefficient(e, old[:, j]) for j, e in enumerate(self.edits)], dim=1)
+        return (h + coef @ self._rows).view(x.shape).to(x.dtype)
+
+    @staticmethod
+    def _coefficient(e: LatentEdit, old: Tensor) -> Tensor:
+        if e.mode == "clamp":
+            return e.value - old
+        if e.mode == "scale":
+            return old * (e.value - 1.0)
+        return torch.full_like(old, e.value)

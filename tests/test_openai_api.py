@@ -15,7 +15,20 @@ from _helpers_serving import make_lora
 from conftest import free_port
 
 SKILL = "quirk"
+LENS = "lens"  # a skill with only an SAE (layer 1), for steering
 PROMPT = "What is 2 + 3?"
+STEER = {"skill": LENS, "edits": [{"latent": 3, "mode": "clamp", "value": 25.0}, {"latent": 40, "mode": "add", "value": 10.0}]}
+
+
+def _steering_sae(folder):
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from resa_engine.skill import sae_subdir
+
+    torch.manual_seed(1)
+    SparseCoder(64, SparseCoderConfig(num_latents=128, k=8)).save_to_disk(folder / sae_subdir(1))
+    return folder
 
 
 class _Server:
@@ -53,9 +66,9 @@ def server(tmp_path_factory, models_file, session_cache_dir, tiny_llama_dir):
         "RESA_DEFAULT_MODEL": "tiny-llama",
         "RESA_API_KEYS": "",
         "RESA_DEVICE": "cpu",
-        # one running sequence and one queued: a third concurrent request is refused with 429
+        # one running sequence and two queued (a steering `compare` queues two): a fourth concurrent request is refused with 429
         "RESA_MAX_BATCH": "1",
-        "RESA_MAX_QUEUE": "1",
+        "RESA_MAX_QUEUE": "2",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }
@@ -65,9 +78,9 @@ def server(tmp_path_factory, models_file, session_cache_dir, tiny_llama_dir):
         get_settings.cache_clear()
         settings = Settings()
         lora = make_lora(tiny_llama_dir, tmp / "lora", seed=7)
-        ArtifactStore(settings.store_url, cache_dir=settings.cache_dir).commit(
-            "adapter", ("tiny-llama", SKILL), lora, {"skill": SKILL}
-        )
+        store = ArtifactStore(settings.store_url, cache_dir=settings.cache_dir)
+        store.commit("adapter", ("tiny-llama", SKILL), lora, {"skill": SKILL})
+        store.commit("skill", (LENS,), _steering_sae(tmp / "lens"), {"name": LENS, "layers": [1], "default_layer": 1, "d_in": 64})
         srv = _Server(create_app(settings, load_default_model=False, supervise=False), free_port()).start()
         try:
             yield srv
@@ -121,6 +134,40 @@ def test_chat_and_streaming_match_the_non_streamed_text(client):
     assert len(pieces) >= 2 and "".join(p.choices[0].text for p in pieces) == text
 
 
+def test_steering_through_extra_body_with_compare(client):
+    """`extra_body={"sae": ..., "compare": true}`: choice 0 steered, choice 1 the plain completion."""
+    messages = [{"role": "user", "content": PROMPT}]
+    plain = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, temperature=0)
+    both = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=8, temperature=0, extra_body={"sae": STEER, "compare": True}
+    )
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[1].message.content == plain.choices[0].message.content
+    assert both.choices[0].message.content != plain.choices[0].message.content
+    assert both.model_extra["sae"] == {"skill": LENS, "layer": 1, "edits": 2}
+    alone = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, temperature=0, extra_body={"sae": STEER})
+    assert [c.message.content for c in alone.choices] == [both.choices[0].message.content]
+    assert both.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert both.usage.completion_tokens == both.usage.total_tokens - both.usage.prompt_tokens > plain.usage.completion_tokens
+
+    stream = client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0, stream=True, extra_body={"sae": STEER, "compare": True}
+    )
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    whole = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"sae": STEER, "compare": True})
+    assert texts == {0: whole.choices[0].text, 1: whole.choices[1].text}
+
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, extra_body={"sae": {"skill": "nope", "edits": []}})
+    with pytest.raises(openai.UnprocessableEntityError, match="compare"):
+        client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, extra_body={"compare": True})
+
+
 def test_raw_sse_ends_with_done(server):
     body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as res:
@@ -167,7 +214,7 @@ def test_full_queue_is_429_with_retry_after(server):
         assert res.status_code == 200
         lines = res.iter_lines()
         next(line for line in lines if line.startswith("data: "))  # the long request is running
-        # the batch holds one row and the queue one request: of three more, at least one is refused
+        # the batch holds one row and the queue two requests: of three more, at least one is refused
         threads = [threading.Thread(target=post_short) for _ in range(3)]
         for t in threads:
             t.start()

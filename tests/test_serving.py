@@ -98,6 +98,62 @@ def test_mixed_adapter_batch_matches_each_request_alone_with_peft(served, make_s
     assert base != expected[0]
 
 
+def test_steered_and_plain_rows_share_a_batch(served, make_scheduler, tiny_llama_dir, adapter_dirs):
+    """SAE edits apply to their own rows only: a steered row matches a lone reference run with the
+    edit spliced in (keep_error), plain rows and an empty edit list match the unsteered model."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from _helpers_serving import reference_model
+    from resa_engine.hookpoint import splice_sae
+    from resa_engine.transparency import LatentEdit, Steering, make_edit_fn
+
+    model, _ = served
+    layer, n = 1, 8
+    torch.manual_seed(0)
+    sae = SparseCoder(model.hidden_size, SparseCoderConfig(num_latents=128, k=8)).eval().requires_grad_(False)
+    edits = [LatentEdit(3, "clamp", 25.0), LatentEdit(40, "add", 10.0)]
+    prompt = prompt_ids(model, "Steering test prompt:")
+    sched = make_scheduler(start=False)
+    handles = {
+        "steered": sched.submit(prompt, greedy(n), steer=Steering(sae, layer, edits), ignore_eos=True),
+        "plain": sched.submit(prompt, greedy(n), ignore_eos=True),
+        "empty": sched.submit(prompt, greedy(n), steer=Steering(sae, layer, []), ignore_eos=True),
+        "adapter": sched.submit(prompt, greedy(n), adapter="a", steer=Steering(sae, layer, edits), ignore_eos=True),
+    }
+    sched.start()
+    got = {name: h.result(WAIT).token_ids for name, h in handles.items()}
+    assert sched.stats().steps <= n + 1  # all four rows decoded together
+
+    plain = reference_greedy(tiny_llama_dir, None, prompt, n)
+    assert got["plain"] == plain and got["empty"] == plain
+    for name, adapter_dir in (("steered", None), ("adapter", adapter_dirs["a"])):
+        ref = reference_model(tiny_llama_dir, adapter_dir)
+        layers = ref.get_base_model().model.layers if adapter_dir else ref.model.layers
+        with splice_sae(layers, layer, sae, edit=make_edit_fn(edits), keep_error=True):
+            assert got[name] == reference_greedy(tiny_llama_dir, adapter_dir, prompt, n), name
+    assert got["steered"] != plain  # the edit is strong enough to change greedy tokens
+
+
+def test_call_runs_between_steps_on_the_base_weights(served, make_scheduler, tiny_llama_dir):
+    """`call` shares the served weights with a running adapter batch without seeing its adapters."""
+    from _helpers_serving import reference_model
+
+    model, _ = served
+    ids = torch.tensor([prompt_ids(model, "Base weights only")])
+    sched = make_scheduler()
+    running = sched.submit(prompt_ids(model, "Busy row"), greedy(40), adapter="a", ignore_eos=True)
+    logits = sched.call(lambda m: m.model(input_ids=ids).logits).result(WAIT)
+    with torch.inference_mode():
+        expected = reference_model(tiny_llama_dir, None)(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert len(running.result(WAIT).token_ids) == 40  # the batch went on around the call
+    with pytest.raises(ZeroDivisionError):
+        sched.call(lambda m: 1 / 0).result(WAIT)
+    sched.stop()
+    with pytest.raises(EngineStopped):
+        sched.call(lambda m: None)
+
+
 def test_requests_joining_mid_flight_match_running_alone(served, make_scheduler, tiny_llama_dir, adapter_dirs):
     model, _ = served
     sched = make_scheduler()

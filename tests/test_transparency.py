@@ -14,6 +14,7 @@ from resa_engine.transparency import (
     THINK_TAGS,
     LatentCards,
     LatentEdit,
+    Steering,
     find_reasoning_latents,
     inspect_prompt,
     latent_cards,
@@ -135,6 +136,28 @@ def test_edits_compose_over_several_latents(sae):
     edits = [LatentEdit(3, "add", 1.0), LatentEdit(7, "add", -0.5)]
     out = sae.decode(*make_edit_fn(edits)(acts, indices))
     torch.testing.assert_close(out - base, (sae.W_dec[3] - 0.5 * sae.W_dec[7]).expand(4, 64), rtol=1e-4, atol=1e-5)
+
+
+def test_steering_equals_the_spliced_edit_with_error_term(tiny_llama, sae):
+    """The scheduler's Steering (decoder-row deltas) computes exactly the splice with keep_error."""
+    ids = _ids(tiny_llama, PROMPT)
+    with torch.no_grad():
+        h, _, indices = _code(tiny_llama, sae, ids)
+    present = indices[0, 0, 0].item()
+    edits = [LatentEdit(present, "clamp", 4.0), LatentEdit(11, "add", -1.5), LatentEdit(indices[0, 1, 0].item(), "scale", 0.25)]
+    expected = _spliced_block_output(tiny_llama, sae, ids, edits)
+    steered = Steering(sae, LAYER, edits).apply(h)
+    assert steered.shape == h.shape and steered.dtype == h.dtype
+    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(steered, h, atol=1e-3)
+    assert Steering(sae, LAYER, []).apply(h) is h  # no edits: the residual is untouched
+
+
+def test_steering_refuses_bad_edits(sae):
+    with pytest.raises(ValueError, match="out of range"):
+        Steering(sae, LAYER, [LatentEdit(500, "add", 1.0)])
+    with pytest.raises(ValueError, match="more than once"):
+        Steering(sae, LAYER, [LatentEdit(5, "add", 1.0), LatentEdit(5, "scale", 2.0)])
 
 
 @pytest.mark.parametrize(

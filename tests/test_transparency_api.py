@@ -176,3 +176,73 @@ def test_report_png_and_svg(api):
     assert api.get("/skills/arith/report", params={"format": "bmp"}).status_code == 422
     assert api.get("/skills/nope/report").status_code == 404
     assert json.loads(api.get("/skills/nope/report", params={"format": "png"}).content)["error"]["type"] == "not_found"
+
+
+# ---------------------------------------------------------------- steering per request
+
+STEER = {"skill": "arith", "layer": 1, "edits": [{"latent": 3, "mode": "clamp", "value": 25.0}, {"latent": 40, "mode": "add", "value": 10.0}]}
+
+
+def _gen(api, **extra):
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, **extra}
+    res = api.post("/generate", json=body)
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def test_generate_with_sae_edits_and_compare(api, tiny_llama, saes):
+    plain = _gen(api)
+    empty = _gen(api, sae={"skill": "arith", "edits": []}, compare=True)
+    assert empty["text"] == empty["unsteered"]["text"] == plain["text"]  # no edits: output unchanged
+    assert empty["sae"] == {"skill": "arith", "layer": 1, "edits": 0}
+
+    steered = _gen(api, sae=STEER, compare=True)
+    assert steered["unsteered"]["text"] == plain["text"]
+    assert steered["text"] != plain["text"]
+    assert steered["sae"] == {"skill": "arith", "layer": 1, "edits": 2}
+    assert steered["usage"]["completion_tokens"] >= 1 and steered["unsteered"]["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    # the same tokens as the engine's reference splice (encode -> edit -> decode + error) on a separate copy
+    from resa_engine.generate import generate
+    from resa_engine.hookpoint import splice_sae
+    from resa_engine.sampling import SamplingParams
+    from resa_engine.transparency import LatentEdit, make_edit_fn
+
+    edits = [LatentEdit(e["latent"], e["mode"], e["value"]) for e in STEER["edits"]]
+    with splice_sae(tiny_llama.layers, 1, saes[1], edit=make_edit_fn(edits), keep_error=True):
+        ref = generate(tiny_llama.model, tiny_llama.tokenizer, prompt=PROMPT, params=SamplingParams(max_tokens=8, temperature=0.0))
+    assert steered["text"] == ref.text
+    alone = _gen(api, sae=STEER)
+    assert alone["text"] == steered["text"] and alone["unsteered"] is None
+
+
+def test_streamed_compare_interleaves_both_completions(api):
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "sae": STEER, "compare": True, "stream": True}
+    with api.stream("POST", "/generate", json=body) as res:
+        assert res.status_code == 200
+        lines = [line[len("data: ") :] for line in res.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    texts = {i: "".join(e["text"] for e in events if e["index"] == i) for i in (0, 1)}
+    done = {e["index"]: e for e in events if e.get("done")}
+    assert set(done) == {0, 1} and done[0]["sae"]["layer"] == 1
+    whole = _gen(api, sae=STEER, compare=True)
+    assert texts == {0: whole["text"], 1: whole["unsteered"]["text"]}
+
+
+@pytest.mark.parametrize(
+    "sae, extra, status, kind",
+    [
+        ({"skill": "nope", "edits": []}, {}, 404, "unknown_skill"),
+        ({"skill": "arith", "layer": 3, "edits": []}, {}, 422, "invalid_layer"),
+        ({"skill": "arith", "edits": [{"latent": NUM_LATENTS, "mode": "add", "value": 1.0}]}, {}, 422, "invalid_edit"),
+        ({"skill": "arith", "edits": [{"latent": 1, "mode": "boost", "value": 1.0}]}, {}, 422, "invalid_request"),
+        ({"skill": "arith", "edits": [{"latent": 1, "mode": "add", "value": 1.0}, {"latent": 1, "mode": "scale", "value": 2.0}]}, {}, 422, "invalid_request"),
+        ({"skill": "arith", "edits": []}, {"model": "tiny-qwen"}, 409, "incompatible_skill"),
+        (None, {"compare": True}, 422, "invalid_request"),
+    ],
+)
+def test_steering_errors(api, sae, extra, status, kind):
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, **({"sae": sae} if sae else {}), **extra}
+    res = api.post("/generate", json=body)
+    assert res.status_code == status, res.text
+    assert res.json()["error"]["type"] == kind

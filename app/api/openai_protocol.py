@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.api.schemas import SteeringApplied, SteerSpec
+
 # ---------------------------------------------------------------- errors
 
 
@@ -41,6 +43,16 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Only 1 choice per request is served.")
+    sae: SteerSpec | None = Field(default=None, description="Steering with a skill's SAE latent edits (send via `extra_body`).")
+    compare: bool = Field(
+        default=False, description="With `sae`: choice 0 is steered, choice 1 the same request unsteered (same batch, same seed)."
+    )
+
+    @model_validator(mode="after")
+    def _compare_needs_sae(self):
+        if self.compare and self.sae is None:
+            raise ValueError("`compare` needs an `sae` block to compare against")
+        return self
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -111,6 +123,7 @@ class CompletionResponse(BaseModel):
     usage: CompletionUsage | None = None
     cross_model: bool = Field(default=False, description="The skill's adapter was built on another, compatible model.")
     adapter_target: str | None = Field(default=None, description="The model the served adapter was built on.")
+    sae: SteeringApplied | None = Field(default=None, description="The steering applied (choice 0), when the request had `sae`.")
 
 
 class ChatCompletionMessage(BaseModel):
@@ -134,6 +147,7 @@ class ChatCompletionResponse(BaseModel):
     usage: CompletionUsage
     cross_model: bool = False
     adapter_target: str | None = None
+    sae: SteeringApplied | None = None
 
 
 class ChatDelta(BaseModel):

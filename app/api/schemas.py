@@ -340,6 +340,29 @@ class ChatMessage(Strict):
     content: str
 
 
+class SteerEdit(Strict):
+    latent: int = Field(ge=0, description="Latent index in the skill's SAE.")
+    mode: Literal["clamp", "add", "scale"] = Field(description="`clamp`: set the activation to `value`; `add`: add it; `scale`: multiply by it.")
+    value: float = Field(allow_inf_nan=False)
+
+
+class SteerSpec(Strict):
+    """Per-request steering: the skill's SAE at `layer` encodes the residual stream, the edits change
+    its latents, and the change of the decoded vector is added (the reconstruction error is kept,
+    so no edits leave the output unchanged)."""
+
+    skill: Name = Field(description="The skill whose SAE steers (its width must be the model's hidden size).")
+    layer: int | None = Field(None, ge=0, description="Which of the skill's SAE layers; default the skill's default layer.")
+    edits: list[SteerEdit] = Field(default_factory=list, max_length=64, description="Latent edits, applied at every token.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "SteerSpec":
+        latents = [e.latent for e in self.edits]
+        if len(set(latents)) != len(latents):
+            raise ValueError("each latent may be edited once per request")
+        return self
+
+
 class GenerateRequest(Strict):
     model: Name | None = Field(None, description="Registered model name; default: the server's default model.")
     skill: Name | None = Field(None, description="Attach this skill's adapter for this request.")
@@ -351,6 +374,8 @@ class GenerateRequest(Strict):
     seed: int | None = None
     stop: list[str] | str | None = None
     stream: bool = False
+    sae: SteerSpec | None = Field(None, description="Steer this request with a skill's SAE latent edits.")
+    compare: bool = Field(False, description="With `sae`: also return the unsteered completion (`unsteered`), decoded in the same batch.")
 
     @model_validator(mode="after")
     def _one_input(self) -> "GenerateRequest":
@@ -360,6 +385,8 @@ class GenerateRequest(Strict):
             self.stop = [self.stop]
         if self.stop and (len(self.stop) > 16 or any(len(s) > 256 for s in self.stop)):
             raise ValueError("stop: at most 16 strings of at most 256 characters")
+        if self.compare and self.sae is None:
+            raise ValueError("`compare` needs an `sae` block to compare against")
         return self
 
 
@@ -367,6 +394,18 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class SteeringApplied(BaseModel):
+    skill: str
+    layer: int = Field(description="The block whose output was edited.")
+    edits: int = Field(description="Number of latent edits.")
+
+
+class UnsteeredCompletion(BaseModel):
+    text: str
+    finish_reason: str
+    usage: Usage
 
 
 class GenerateResponse(BaseModel):
@@ -377,6 +416,8 @@ class GenerateResponse(BaseModel):
     skill: str | None = None
     cross_model: bool = Field(False, description="The skill's adapter was built on another (compatible) model.")
     adapter_target: str | None = Field(None, description="The model the attached adapter was built on.")
+    sae: SteeringApplied | None = Field(None, description="The steering applied, when the request had an `sae` block.")
+    unsteered: UnsteeredCompletion | None = Field(None, description="With `compare`: the same request without the edits.")
 
 
 # ---------------------------------------------------------------- transparency

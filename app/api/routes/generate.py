@@ -26,7 +26,7 @@ async def generate(req: GenerateRequest, _: GenerateAccess, generation: Generati
     """With `skill`, the skill's adapter for this model is attached; if there is none, one built on
     a compatible model is (`cross_model: true`); if none fits, 409 with the reasons."""
     if not req.stream:
-        return (await generation.generate(req)).to_dict()
+        return await generation.generate(req)
     events = await generation.stream(req)  # errors surface here, before the stream starts
 
     async def body():

@@ -89,7 +89,9 @@ async def _submit(req, generation, *, prompt=None, messages=None) -> BatchedRequ
     except ValueError as exc:
         raise _openai_error(Invalid(str(exc))) from None
     try:
-        return await generation.batched.submit(target, skill, prompt=prompt, messages=messages, params=params)
+        return await generation.batched.submit(
+            target, skill, prompt=prompt, messages=messages, params=params, sae=req.sae, compare=req.compare
+        )
     except ApiError as exc:
         raise _openai_error(exc, "model" if exc.status in (404, 409) else None) from None
 
@@ -99,28 +101,21 @@ def _as_error(exc: BaseException) -> ApiError:
     return _openai_error(api if api is not None else ApiError(f"generation failed: {exc}"))
 
 
-async def _complete(request: Request, queued: BatchedRequest):
-    """The request's Completion; a client that disconnects meanwhile cancels it."""
-    from resa_engine.serving import Delta
-
-    async def collect():
-        async for item in queued.handle.stream():
-            if not isinstance(item, Delta):
-                return item
-
-    task = asyncio.create_task(collect())
+async def _complete(request: Request, queued: BatchedRequest) -> list:
+    """The request's Completions (two with `compare`); a client that disconnects meanwhile cancels them."""
+    task = asyncio.create_task(queued.results())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
                 break
             if await request.is_disconnected():
-                queued.handle.cancel()
+                queued.cancel()
                 task.cancel()
                 break
         return task.result()
     except asyncio.CancelledError:
-        queued.handle.cancel()
+        queued.cancel()
         raise
     except ApiError:
         raise
@@ -132,28 +127,14 @@ async def _complete(request: Request, queued: BatchedRequest):
 
 
 async def _events(queued: BatchedRequest):
-    """The handle's stream with its first item already produced, so that errors before the first
-    token (adapter load failure, corrupt artifact) are an HTTP error, not a broken stream."""
-    stream = queued.handle.stream()
+    """(choice index, Delta | Completion) items, the first of each already produced, so that errors
+    before the first token (adapter load failure, corrupt artifact) are an HTTP error, not a broken stream."""
     try:
-        first = await anext(stream)
-    except Exception as exc:  # noqa: BLE001 - see _complete
-        await stream.aclose()
-        raise _as_error(exc) from None
+        return await queued.open()
     except asyncio.CancelledError:
-        await stream.aclose()
         raise
-
-    async def items():
-        try:
-            yield first
-            async for item in stream:
-                yield item
-        finally:
-            await stream.aclose()  # leaving early (client gone) cancels the request
-            queued.handle.cancel()
-
-    return items()
+    except Exception as exc:  # noqa: BLE001 - see _complete
+        raise _as_error(exc) from None
 
 
 def _sse(payloads) -> StreamingResponse:
@@ -165,8 +146,11 @@ def _sse(payloads) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _usage(completion) -> CompletionUsage:
-    return CompletionUsage(**completion.usage.to_dict())
+def _usage(*completions) -> CompletionUsage:
+    """Usage of one completion, or of the choices of one request (the prompt counted once, as OpenAI's `n`)."""
+    prompt = completions[0].usage.prompt_tokens
+    generated = sum(c.usage.completion_tokens for c in completions)
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
 
 
 async def _error_tail(items, make_chunk):
@@ -185,32 +169,33 @@ async def completions(req: CompletionRequest, request: Request, _: GenerateAcces
     queued = await _submit(req, generation, prompt=req.prompt)
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not req.stream:
-        completion = await _complete(request, queued)
+        completions = await _complete(request, queued)
         return CompletionResponse(
             id=rid,
             created=created,
             model=req.model,
-            choices=[CompletionChoice(text=completion.text, finish_reason=completion.finish_reason)],
-            usage=_usage(completion),
+            choices=[CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(completions)],
+            usage=_usage(*completions),
             cross_model=queued.cross_model,
             adapter_target=queued.adapter_target,
+            sae=queued.steering,
         ).model_dump()
     items = await _events(queued)
 
     async def chunks(items):
         from resa_engine.serving import Delta
 
-        async for item in items:
+        async for index, item in items:
             if isinstance(item, Delta):
                 if item.text:
-                    choice = CompletionChoice(text=item.text, finish_reason=None)
+                    choice = CompletionChoice(index=index, text=item.text, finish_reason=None)
                     yield CompletionChunk(id=rid, created=created, model=req.model, choices=[choice]).model_dump()
             else:
                 yield CompletionChunk(
                     id=rid,
                     created=created,
                     model=req.model,
-                    choices=[CompletionChoice(text="", finish_reason=item.finish_reason)],
+                    choices=[CompletionChoice(index=index, text="", finish_reason=item.finish_reason)],
                     usage=_usage(item),
                 ).model_dump()
 
@@ -224,32 +209,38 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, _: Gene
     queued = await _submit(req, generation, messages=[m.model_dump() for m in req.messages])
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not req.stream:
-        completion = await _complete(request, queued)
+        completions = await _complete(request, queued)
+        choices = [
+            ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason)
+            for i, c in enumerate(completions)
+        ]
         return ChatCompletionResponse(
             id=rid,
             created=created,
             model=req.model,
-            choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=completion.text), finish_reason=completion.finish_reason)],
-            usage=_usage(completion),
+            choices=choices,
+            usage=_usage(*completions),
             cross_model=queued.cross_model,
             adapter_target=queued.adapter_target,
+            sae=queued.steering,
         ).model_dump()
     items = await _events(queued)
 
-    def chunk(delta: ChatDelta, finish=None, usage=None) -> dict:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+    def chunk(index: int, delta: ChatDelta, finish=None, usage=None) -> dict:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
         return ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[choice], usage=usage).model_dump(exclude_none=True)
 
     async def chunks(items):
         from resa_engine.serving import Delta
 
-        yield chunk(ChatDelta(role="assistant", content=""))
-        async for item in items:
+        for index in range(len(queued.handles)):
+            yield chunk(index, ChatDelta(role="assistant", content=""))
+        async for index, item in items:
             if isinstance(item, Delta):
                 if item.text:
-                    yield chunk(ChatDelta(content=item.text))
+                    yield chunk(index, ChatDelta(content=item.text))
             else:
-                yield chunk(ChatDelta(), item.finish_reason, _usage(item))
+                yield chunk(index, ChatDelta(), item.finish_reason, _usage(item))
 
     return _sse(_error_tail(items, chunks))
 
