@@ -171,7 +171,7 @@ def run_demo(cfg: DemoConfig, workdir: Path, report_dir: Path) -> dict:
         client = DemoClient(f"http://127.0.0.1:{port}")
         t = time.perf_counter()
         client.wait_ready(server)
-        times.append(StageTime("service start (model loaded)", time.perf_counter() - t))
+        times.append(StageTime("service start (model loaded)", time.perf_counter() - t, {"work": "load SmolLM2-135M, start Redis + worker"}))
 
         train_ds = client.call("POST", "/datasets", content=rows_to_jsonl(train), headers={"content-type": "application/x-ndjson"})
         test_ds = client.call("POST", "/datasets", content=rows_to_jsonl(test), headers={"content-type": "application/x-ndjson"})
@@ -209,13 +209,13 @@ def run_demo(cfg: DemoConfig, workdir: Path, report_dir: Path) -> dict:
         t = time.perf_counter()
         job = client.call("POST", "/evals", json={**common, "skill": "demo-resa", "source": {"model": MODEL, "adapter": "demo-source"}})
         report = client.wait_job(job["job"]["id"], "eval base/source/resa")["result"]
-        times.append(StageTime("eval base + source + resa", time.perf_counter() - t))
+        times.append(StageTime("eval base + source + resa", time.perf_counter() - t, _eval_detail(report, ["base", "source", "skill"])))
         evals = {"base": _accuracy(report["base"]), "source": _accuracy(report["source"]), "demo-resa": _accuracy(report["skill"])}
         if cfg.self_variant:
             t = time.perf_counter()
             job = client.call("POST", "/evals", json={**common, "skill": "demo-resa-self"})
             report = client.wait_job(job["job"]["id"], "eval resa (source = target)")["result"]
-            times.append(StageTime("eval base + resa (source = target)", time.perf_counter() - t))
+            times.append(StageTime("eval base + resa (source = target)", time.perf_counter() - t, _eval_detail(report, ["base", "skill"])))
             evals["demo-resa-self"] = _accuracy(report["skill"])
     finally:
         server.terminate()
@@ -247,7 +247,8 @@ def _make_sft_source(cfg: DemoConfig, train, store) -> dict:
         bar.close()
         store.commit("adapter", (MODEL, "demo-source"), Path(tmp), {**res.manifest, "skill": "demo-source"})
     del model
-    return {"steps": res.steps, "loss_start": round(res.loss_start, 4), "loss_end": round(res.loss_end, 4)}
+    return {"steps": res.steps, "loss_start": round(res.loss_start, 4), "loss_end": round(res.loss_end, 4),
+            "work": f"{res.steps} steps x {cfg.sft_batch_size} rows"}
 
 
 def _job_detail(job: dict) -> dict:
@@ -256,7 +257,18 @@ def _job_detail(job: dict) -> dict:
     keep = {k: manifest[k] for k in ("tokens_seen", "wall_s", "kl_start", "kl_end", "default_layer") if k in manifest}
     if "metrics" in manifest:
         keep["metrics"] = manifest["metrics"]
+    train = manifest.get("train") or {}
+    if "tokens_seen" in manifest:
+        keep["work"] = f"{manifest['tokens_seen']:,} activation tokens, {manifest.get('sae', {}).get('num_latents', '?')} latents"
+    elif "steps" in train:
+        keep["work"] = f"{train['steps']} steps x {train['batch_size']} x {train['chunk_len']} tokens"
     return keep
+
+
+def _eval_detail(report: dict, arms: list[str]) -> dict:
+    tokens = sum(int(report[a].get("completion_tokens") or 0) for a in arms if report.get(a))
+    questions = report.get("dataset", {}).get("evaluated", 0)
+    return {"work": f"{len(arms)} models x {questions} questions, {tokens:,} tokens generated"}
 
 
 def _accuracy(arm: dict) -> dict:
@@ -280,6 +292,7 @@ def _summarise(cfg: DemoConfig, evals: dict, times: list[StageTime], total_s: fl
         "retention": retention(evals["demo-resa"]["acc"]),
         "stages": [asdict(t) for t in times],
         "stage_wall_s": {t.name: round(t.wall_s, 1) for t in times},
+        "stage_work": {t.name: t.detail.get("work", "") for t in times},
         "total_wall_s": round(total_s, 1),
     }
     if "demo-resa-self" in evals:
@@ -300,9 +313,15 @@ def format_table(summary: dict) -> str:
         if arm.startswith("demo-resa") and source > base:
             ret = f"{(e['acc'] - base) / (source - base):.2f}"
         lines.append(f"| {labels.get(arm, arm)} | {e['acc']:.3f} | {ci} | {ret} |")
-    lines += ["", "| stage | wall s |", "| --- | --- |"]
-    lines += [f"| {name} | {s:.1f} |" for name, s in summary["stage_wall_s"].items()]
-    lines.append(f"| total | {summary['total_wall_s']:.1f} |")
+    work = summary.get("stage_work") or {}
+    lines += ["", "| stage | wall s | compute |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {s:.1f} | {work.get(name, '')} |" for name, s in summary["stage_wall_s"].items()]
+    lines.append(f"| total | {summary['total_wall_s']:.1f} | |")
+    cfg = summary.get("config") or {}
+    if cfg:
+        lines += ["", f"settings: layer {cfg.get('layer')}, objective {cfg.get('objective')}, splice grad {cfg.get('splice_grad')}, "
+                      f"tune lr {cfg.get('tune_lr')}, tune steps {cfg.get('tune_max_steps')}, SAE x{cfg.get('expansion_factor')} k {cfg.get('k')} "
+                      f"on {cfg.get('sae_max_tokens'):,} tokens, chunk {cfg.get('chunk_len')}, source SFT {cfg.get('sft_steps')} steps"]
     return "\n".join(lines)
 
 

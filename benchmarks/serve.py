@@ -18,19 +18,27 @@ naive baseline decodes one request at a time, so its tokens/s does not depend on
 requests it runs; it runs one request per skill (--naive-requests, split over the repeats) to
 keep the benchmark short.
 
-ONLINE part: `online_part()` below, added once the HTTP layer serves the scheduler.
+ONLINE part: the service itself (uvicorn, in this process) with the same 8 skills committed to
+a store as adapters; streamed `/v1/completions` from concurrent HTTP clients whose arrivals are
+random (exponential gaps, mean --arrival-ms), each naming a random `<model>:<skill>`, greedy,
+up to 64 new tokens (EOS may end a request early; tokens are counted from `usage`): aggregate
+tokens/s and p50/p95 time to first token, against the same kind of request sent alone on the idle
+server (`online_throughput_vs_alone`, `ttft_p50_vs_alone`, `ttft_p95_vs_alone`).
 
-Usage: python benchmarks/serve.py [--requests 32] [--skills 8] [--new-tokens 64] [--repeats 2]
+Usage: python benchmarks/serve.py [--requests 32] [--skills 8] [--new-tokens 64] [--repeats 2] [--online-requests 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -195,16 +203,142 @@ def note(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def online_part(args) -> dict:
-    """ONLINE part -- to be added once the HTTP layer serves the scheduler (`resa serve`).
+class _Server:
+    """The service (app.main.create_app) under uvicorn on a loopback port, in this process."""
 
-    Plan: start the server on the bundled model with the same 8 skills committed to the store;
-    N concurrent clients send `/v1/completions` (stream=true) with exponential inter-arrival
-    times, each naming a random `smollm2-135m:<skill>`; measure aggregate tokens/s and the p50 /
-    p95 time to first token, against one request sent alone (`ttft_alone_s`). Returns those
-    figures to be merged into the JSON line.
-    """
-    return {}
+    def __init__(self, settings, port: int):
+        import uvicorn
+
+        from app.main import create_app
+
+        app = create_app(settings, load_default_model=False, supervise=False)
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+class Streamed(NamedTuple):
+    sent: float
+    first: float
+    done: float
+    tokens: int
+
+
+async def stream_one(http, model: str, prompt: str, new_tokens: int) -> Streamed:
+    """One streamed /v1/completions request: when it was sent, its first text chunk, its end, its tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    sent = time.perf_counter()
+    first, tokens = None, 0
+    async with http.stream("POST", "/v1/completions", json=body) as res:
+        if res.status_code != 200:
+            raise RuntimeError(f"{model}: HTTP {res.status_code} {await res.aread()!r}")
+        async for line in res.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model}: {chunk['error']}")
+            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    done = time.perf_counter()
+    return Streamed(sent, first or done, done, tokens)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: list[str]) -> tuple[dict, list[tuple]]:
+    """Concurrent HTTP clients against `resa`'s own server (the scheduler behind /v1/completions,
+    streaming), arrivals at random (exponential gaps, mean --arrival-ms), each request naming a
+    random `<model>:<skill>`; against the same request sent alone on an idle server."""
+    import asyncio
+
+    import httpx
+
+    from adapters_store import ArtifactStore
+    from app.settings import Settings
+
+    root = Path(tempfile.mkdtemp(prefix="resa-serve-online-"))
+    cache_dir = Path(os.environ.get("RESA_CACHE_DIR", Path.home() / ".cache" / "resa"))
+    settings = Settings(
+        store_url=f"file://{root / 'store'}", cache_dir=cache_dir, default_model=spec_name, redis_url=None, api_keys="",
+        max_batch=args.online_requests, max_queue=4 * args.online_requests, adapter_cache_size=len(folders), log_level="WARNING",
+    )
+    store = ArtifactStore(settings.store_url, cache_dir=root / "cache")
+    for skill, folder in folders.items():
+        store.commit("adapter", (spec_name, skill), folder, {"skill": skill})
+    skills = list(folders)
+    rng = random.Random(1)
+
+    async def drive(url: str) -> dict:
+        limits = httpx.Limits(max_connections=args.online_requests + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            # warm-up: load the model, every adapter, and the code paths
+            await asyncio.gather(*(stream_one(http, f"{spec_name}:{s}", prompts_text[0], 2) for s in skills))
+            alone = []
+            for i in range(args.alone_repeats):
+                alone.append(await stream_one(http, f"{spec_name}:{skills[i % len(skills)]}", prompts_text[i], args.new_tokens))
+                note(f"alone {i + 1}: ttft {alone[-1].first - alone[-1].sent:.3f}s, {alone[-1].tokens} tokens")
+
+            async def arrive(i: int, delay: float) -> Streamed:
+                await asyncio.sleep(delay)
+                return await stream_one(http, f"{spec_name}:{rng.choice(skills)}", prompts_text[i % len(prompts_text)], args.new_tokens)
+
+            delays, t = [], 0.0
+            for _ in range(args.online_requests):
+                delays.append(t)
+                t += rng.expovariate(1000.0 / args.arrival_ms)
+            runs = await asyncio.gather(*(arrive(i, d) for i, d in enumerate(delays)))
+            return {"alone": alone, "online": runs}
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with _Server(settings, port) as server:
+        got = asyncio.run(drive(server.url))
+    alone, online = got["alone"], got["online"]
+    ttft_alone = statistics.median(r.first - r.sent for r in alone)
+    alone_tok_s = statistics.median(r.tokens / (r.done - r.sent) for r in alone)
+    ttfts = [r.first - r.sent for r in online]
+    span = max(r.done for r in online) - min(r.sent for r in online)
+    online_tok_s = sum(r.tokens for r in online) / span
+    figures = {
+        "online_requests": len(online),
+        "online_arrival_ms": args.arrival_ms,
+        "online_tok_s": round(online_tok_s, 1),
+        "alone_tok_s": round(alone_tok_s, 1),
+        "online_throughput_vs_alone": round(online_tok_s / alone_tok_s, 2),
+        "ttft_alone_s": round(ttft_alone, 3),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3),
+        "ttft_p95_s": round(percentile(ttfts, 95), 3),
+        "ttft_p50_vs_alone": round(percentile(ttfts, 50) / ttft_alone, 2),
+        "ttft_p95_vs_alone": round(percentile(ttfts, 95) / ttft_alone, 2),
+    }
+    rows = [
+        ("HTTP, one request alone", f"{len(alone)} x {args.new_tokens}", alone_tok_s, ttft_alone, ttft_alone),
+        (f"HTTP, {len(online)} clients, random arrivals", f"{len(online)} x {args.new_tokens}", online_tok_s,
+         percentile(ttfts, 50), percentile(ttfts, 95)),
+    ]
+    return figures, rows
 
 
 def main() -> int:
@@ -219,6 +353,9 @@ def main() -> int:
     parser.add_argument("--naive-requests", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--skip-peft-mixed", action="store_true")
+    parser.add_argument("--online-requests", type=int, default=32, help="concurrent HTTP requests in the online part (0: skip it)")
+    parser.add_argument("--arrival-ms", type=float, default=100.0, help="mean gap between online arrivals")
+    parser.add_argument("--alone-repeats", type=int, default=3, help="requests sent alone (median)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,7 +445,14 @@ def main() -> int:
         )
         if device.type == "cpu":
             figures.update(peft_mixed_ratio_vs_base_cpu=round(peft.cpu / plain.cpu, 3))
-    figures.update(online_part(args))
+    prompts_text = [model.tokenizer.decode(p) for p in prompts]
+    del sched, cache, peft_model, model  # the online part's server loads its own copy
+    if args.online_requests:
+        online, online_rows = online_part(args, args.model, folders, prompts_text)
+        figures.update(online)
+        print(f"\n{'online path':42s} {'requests x tokens':>17s} {'tok/s wall':>11s} {'ttft p50 s':>10s} {'ttft p95 s':>10s}")
+        for name, size, tok_s, p50, p95 in online_rows:
+            print(f"{name:42s} {size:>17s} {tok_s:11.1f} {p50:10.3f} {p95:10.3f}")
     print(json.dumps(figures))
     tmp.cleanup()
     return 0

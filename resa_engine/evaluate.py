@@ -153,8 +153,9 @@ class EvalConfig:
     """Sequences decoded together (left padding)."""
     prompt_format: str = "resa"
     """`resa` (plain Resa template) or `chat` (the tokenizer's chat template with the Resa system prompt)."""
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    """Strings that end a completion early (the answer is complete by then)."""
+    stop: list[str] = field(default_factory=lambda: ["</answer>", "\nUser:"])
+    """Strings that end a completion early: the answer is complete, or the model starts the next
+    user turn of the Resa template (what follows is not its answer to this question)."""
 
     def validate(self) -> None:
         if not isinstance(self.samples, int) or self.samples < 1:

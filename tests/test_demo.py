@@ -36,5 +36,7 @@ def test_demo_quick_runs_end_to_end_over_http(tmp_path):
     assert any(k.startswith("tune demo-resa") for k in figures["stage_wall_s"])
     reports = sorted((tmp_path / "reports").iterdir())
     assert {p.suffix for p in reports} == {".md", ".png", ".json"}
-    assert "| base (SmolLM2-135M) |" in (tmp_path / "reports" / reports[0].name).with_suffix(".md").read_text()
+    table = (tmp_path / "reports" / reports[0].name).with_suffix(".md").read_text()
+    assert "| base (SmolLM2-135M) |" in table and "| stage | wall s | compute |" in table
+    assert "activation tokens" in table and "questions" in table and "settings: layer 12, objective kl" in table
     assert reports[0].with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
