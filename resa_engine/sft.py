@@ -124,7 +124,7 @@ def train_sft_lora(
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(float(loss))
+                losses.append(loss.detach().item())
                 tracker.update(step, loss=losses[-1])
         peft_model.eval()
         out_dir = Path(out_dir)
