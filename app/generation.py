@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -504,7 +504,7 @@ class BatchedGeneration:
         target, skill = key.split("@", 1)[0].split("/", 1)
         return self.store.fetch("adapter", (target, skill))
 
-    def _steering(self, model: str, batched: "_Batched", spec) -> tuple[Any, dict]:
+    def _steering(self, batched: "_Batched", spec) -> tuple[Any, dict]:
         """The scheduler's Steering for a request's `sae` block: 404 unknown skill, 422 a layer the skill
         has no SAE at or a bad edit, 409 an SAE that does not read this model's residual stream."""
         from adapters_store import ArtifactNotFound
@@ -513,27 +513,24 @@ class BatchedGeneration:
         from resa_engine.transparency import LatentEdit, Steering
 
         try:
-            manifest = self.store.manifest("skill", (spec.skill,))
+            skill = Skill(spec.skill, Path(), self.store.manifest("skill", (spec.skill,)))  # its folder is fetched on a cache miss
         except ArtifactNotFound:
             raise NotFound(f"unknown skill {spec.skill!r}", type="unknown_skill") from None
-        loaded = batched.loaded
         try:
-            layer = Skill(spec.skill, Path(), manifest).layer_or_default(spec.layer)
+            layer = skill.layer_or_default(spec.layer)
         except ModelError as exc:
             raise Invalid(str(exc), type="invalid_layer") from None
-        if int(manifest["d_in"]) != loaded.hidden_size or layer >= loaded.num_layers:
-            raise Conflict(
-                f"skill {spec.skill!r} (SAE width {manifest['d_in']}, layer {layer}) does not read the residual stream of "
-                f"{model} (hidden size {loaded.hidden_size}, {loaded.num_layers} layers)",
-                type="incompatible_skill",
-            )
-        key = (spec.skill, str(manifest.get("created_at", "")), layer)
+        try:
+            skill.check_target(batched.loaded, layer)
+        except ModelError as exc:
+            raise Conflict(str(exc), type="incompatible_skill") from None
+        key = (spec.skill, str(skill.manifest.get("created_at", "")), layer)
         with self._guard:
             sae = batched.saes.get(key)
             if sae is not None:
                 batched.saes.move_to_end(key)
         if sae is None:
-            sae = Skill(spec.skill, self.store.fetch("skill", (spec.skill,)), manifest).sae(layer, device=loaded.device)
+            sae = replace(skill, folder=self.store.fetch("skill", (spec.skill,))).sae(layer, device=batched.loaded.device)
             with self._guard:
                 batched.saes[key] = sae
                 while len(batched.saes) > self.SAE_CACHE:
@@ -563,20 +560,18 @@ class BatchedGeneration:
             target, manifest, _ = resolve_adapter_target(self.store, model, skill, batched.loaded)
             # The version is part of the cache key: a replaced adapter loads afresh instead of the old weights.
             key = f"{target}/{skill}@{manifest.get('created_at', '')}"
-        steer, steering = self._steering(model, batched, sae) if sae is not None else (None, None)
+        steer, steering = self._steering(batched, sae) if sae is not None else (None, None)
         handles = []
         try:
             handles.append(batched.scheduler.submit(ids, params, adapter=key, steer=steer))
             if compare:
                 handles.append(batched.scheduler.submit(ids, params, adapter=key))
-        except QueueFull as exc:
-            for handle in handles:
+        except (QueueFull, EngineStopped, ValueError) as exc:
+            for handle in handles:  # `compare`: the first of the pair must not run alone
                 handle.cancel()
-            retry = max(1, math.ceil(exc.retry_after_s))
-            raise ApiError(str(exc), type="rate_limit_exceeded", status=429, headers={"Retry-After": str(retry)}) from None
-        except (EngineStopped, ValueError) as exc:
-            for handle in handles:
-                handle.cancel()
+            if isinstance(exc, QueueFull):
+                retry = max(1, math.ceil(exc.retry_after_s))
+                raise ApiError(str(exc), type="rate_limit_exceeded", status=429, headers={"Retry-After": str(retry)}) from None
             if isinstance(exc, EngineStopped):
                 raise Unavailable(str(exc), type="engine_stopped") from None
             raise Invalid(str(exc)) from None

@@ -644,8 +644,7 @@ class Scheduler:
                 with self._cond:
                     while not self._rows and not self._admissible() and not self._calls:
                         if not self._accepting and not self._queue:
-                            self._fail_calls()
-                            return
+                            return  # no call can be pending: `call` refuses once not accepting
                         self._cond.wait(0.5)
                     calls, self._calls = list(self._calls), deque()
                 for fn, future in calls:
@@ -661,12 +660,6 @@ class Scheduler:
                 except Exception as exc:  # a failed step fails its requests, never the loop
                     log.exception("decode step failed on %s", self.model.name)
                     self._fail_running(exc)
-
-    def _fail_calls(self) -> None:
-        while self._calls:
-            _, future = self._calls.popleft()
-            if future.set_running_or_notify_cancel():
-                future.set_exception(EngineStopped(f"model {self.model.name} stopped"))
 
     def _admissible(self) -> bool:
         return any(req.ref is None or req.ref.ready for req in self._queue)
