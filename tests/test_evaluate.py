@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from _helpers_tune import make_skill
 from conftest import arithmetic_rows, write_jsonl
 
@@ -13,12 +12,7 @@ from resa_engine.data import QARow
 from resa_engine.evaluate import EvalConfig, compare, eval_prompt, evaluate, extract_answer, is_correct, retention, wilson_interval
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

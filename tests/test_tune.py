@@ -21,13 +21,7 @@ ROWS = arithmetic_rows(40, seed=3)
 FAST = dict(lr=1e-4, chunk_len=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; oversubscribed threads on a shared 2-core box are 10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
