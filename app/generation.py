@@ -495,6 +495,7 @@ class BatchedGeneration:
                 max_prompt_tokens=int(s.max_prompt_tokens),
                 max_new_tokens=int(s.max_new_tokens),
                 max_tokens_in_flight=int(s.max_tokens_in_flight),
+                threads=int(s.engine_threads) or None,
             ).start()
             self._models[name] = _Batched(loaded, cache, scheduler)
             log.info("model %s serving with continuous batching", name)

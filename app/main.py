@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -45,6 +46,9 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Blocking work (model, adapter and SAE loads, store reads) runs here; one torch thread each
+        # keeps the CPU cores' OpenMP threads for the decode engines (resa_engine.threads).
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(thread_name_prefix="resa-io", initializer=_helper_thread))
         if not app.state.api_keys:
             log.warning(
                 "*** DEVELOPMENT MODE: no API keys configured (RESA_API_KEYS); every route is open to anyone "
@@ -80,6 +84,12 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: every response gets an id
     return app
+
+
+def _helper_thread() -> None:
+    from resa_engine.threads import helper_thread
+
+    helper_thread()
 
 
 async def _supervise(jobs: JobQueue) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SCOPES = ("admin", "generate")
@@ -65,6 +65,10 @@ class Settings(BaseSettings):
 
     adapter_cache_size: int = 16
     """Adapters kept loaded per served model (least recently used are evicted, never one in use)."""
+
+    engine_threads: int = Field(default=0, ge=0)
+    """CPU only: torch intra-op threads of each served model's decode engine (0: torch's default,
+    one per core); the server's other threads run torch work on one thread."""
 
     job_timeout_s: int = 6 * 3600
     """Wall-clock limit of one background job, in seconds."""

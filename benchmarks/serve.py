@@ -12,15 +12,17 @@ every request generates exactly 64 tokens:
 Scheduler runs are interleaved (base, adapters, base, adapters, ...) and each figure is the best
 of its repeats, so load from other processes on a shared machine hurts both sides alike. On CPU
 every path is also timed in process CPU seconds (`*_cpu` figures): on a machine shared with
-other jobs wall-clock rates swing with their load, CPU-time rates much less. Torch runs on one
-thread by default (--threads): oversubscribed cores make multi-threaded timings erratic. The
+other jobs wall-clock rates swing with their load, CPU-time rates much less. The engine and the
+baselines run on --threads torch threads (default: torch's, one per core, as the server's engines
+do); everything else runs on one, as in the server (resa_engine.threads). With more than one
+thread, CPU-time rates also count the OpenMP workers' spin-waits, so compare wall rates. The
 naive baseline decodes one request at a time, so its tokens/s does not depend on how many
 requests it runs; it runs one request per skill (--naive-requests, split over the repeats) to
 keep the benchmark short.
 
 ONLINE part: the service itself (uvicorn, in this process) with the same 8 skills committed to
 a store as adapters; streamed `/v1/completions` from concurrent HTTP clients whose arrivals are
-random (exponential gaps, mean --arrival-ms: one wave at 1 s, which one CPU thread sustains, one
+random (exponential gaps, mean --arrival-ms: one wave at 1 s, which this 2-core CPU sustains, one
 at 100 ms, which outruns its prefill), each naming a random `<model>:<skill>`, greedy,
 up to 64 new tokens (EOS may end a request early; tokens are counted from `usage`): aggregate
 tokens/s and p50/p95 time to first token, against the same kind of request sent alone on the idle
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +56,7 @@ from resa_engine.adapter_cache import AdapterCache  # noqa: E402
 from resa_engine.models import ModelRegistry, load_model  # noqa: E402
 from resa_engine.sampling import SamplingParams  # noqa: E402
 from resa_engine.serving import Scheduler  # noqa: E402
+from resa_engine.threads import engine_thread  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -200,6 +204,26 @@ def plain_base(peft_model, prompts, new_tokens: int, pad_id: int, device) -> Rat
     return rate(len(prompts) * new_tokens, t)
 
 
+def baselines(args, spec, cache_dir, folders, prompts, spread, pad: int, device):
+    """Naive adapter switching, then (unless skipped) PEFT's mixed batches against its plain base,
+    on a second copy of the model wrapped by PEFT."""
+    peft_model = load_peft(spec, cache_dir, folders)
+    n, peft, plain = args.naive_requests, None, None
+    with torch.inference_mode():
+        greedy_loop(peft_model, torch.tensor([prompts[0]], device=device), None, 2)  # warm-up
+        # Best of `repeats` passes, like the scheduler figures; together they run `n` requests, one per skill.
+        naive_runs = []
+        for i in range(args.repeats):
+            ids = [j % len(prompts) for j in range(i, n, args.repeats)]
+            naive_runs.append(naive_switching(peft_model, [prompts[j] for j in ids], [spread[j] for j in ids], args.new_tokens, device))
+            note(f"naive pass {i + 1}: {naive_runs[-1].wall:.1f} tok/s")
+        if not args.skip_peft_mixed:
+            plain = plain_base(peft_model, prompts, args.new_tokens, pad, device)
+            peft = peft_mixed(peft_model, prompts, spread, args.new_tokens, pad, device)
+            note(f"plain base {plain.wall:.1f} tok/s, PEFT mixed {peft.wall:.1f} tok/s")
+    return best(naive_runs), naive_runs, plain, peft
+
+
 def note(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -265,7 +289,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: list[str]) -> tuple[dict, list[tuple]]:
+def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: list[str], threads: int) -> tuple[dict, list[tuple]]:
     """Concurrent HTTP clients against `resa`'s own server (the scheduler behind /v1/completions,
     streaming), arrivals at random (exponential gaps, mean --arrival-ms), each request naming a
     random `<model>:<skill>`; against the same request sent alone on an idle server."""
@@ -281,6 +305,7 @@ def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: li
     settings = Settings(
         store_url=f"file://{root / 'store'}", cache_dir=cache_dir, default_model=spec_name, redis_url=None, api_keys="",
         max_batch=args.online_requests, max_queue=4 * args.online_requests, adapter_cache_size=len(folders), log_level="WARNING",
+        engine_threads=threads,
     )
     store = ArtifactStore(settings.store_url, cache_dir=root / "cache")
     for skill, folder in folders.items():
@@ -360,7 +385,7 @@ def main() -> int:
     parser.add_argument("--alpha", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved scheduler runs per side")
     parser.add_argument("--naive-requests", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of the engine and the baselines (0: torch's default)")
     parser.add_argument("--skip-peft-mixed", action="store_true")
     parser.add_argument("--online-requests", type=int, default=32, help="concurrent HTTP requests in the online part (0: skip it)")
     parser.add_argument(
@@ -370,8 +395,10 @@ def main() -> int:
     )
     parser.add_argument("--alone-repeats", type=int, default=3, help="requests sent alone (median)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    # Only the engine and the baselines' own thread run multi-threaded torch work; setup here runs on
+    # one thread, as the server's helper threads do (resa_engine.threads says why).
+    torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
 
     registry = ModelRegistry.load()
@@ -389,7 +416,7 @@ def main() -> int:
     cache = AdapterCache(model, folders.__getitem__, capacity=len(skills))
     for key in skills:
         cache.pin(key, wait=600)
-    sched = Scheduler(model, cache, max_batch=args.requests).start()
+    sched = Scheduler(model, cache, max_batch=args.requests, threads=threads).start()
     run_scheduler(sched, prompts[:4], spread[:4], 4)  # warm-up
     base_runs, lora_runs = [], []
     for i in range(args.repeats):
@@ -401,22 +428,9 @@ def main() -> int:
     cache.close()
     base, lora = best(base_runs), best(lora_runs)
 
-    peft_model = load_peft(spec, cache_dir, folders)
-    peft = plain = None
-    with torch.inference_mode():
-        greedy_loop(peft_model, torch.tensor([prompts[0]], device=device), None, 2)  # warm-up
-        # Best of `repeats` passes, like the scheduler figures; together they run `n` requests, one per skill.
-        naive_runs = []
-        for i in range(args.repeats):
-            ids = [j % len(prompts) for j in range(i, n, args.repeats)]
-            naive_runs.append(naive_switching(peft_model, [prompts[j] for j in ids], [spread[j] for j in ids], args.new_tokens, device))
-            note(f"naive pass {i + 1}: {naive_runs[-1].wall:.1f} tok/s")
-        naive = best(naive_runs)
-        if not args.skip_peft_mixed:
-            pad = model.tokenizer.pad_token_id
-            plain = plain_base(peft_model, prompts, args.new_tokens, pad, device)
-            peft = peft_mixed(peft_model, prompts, spread, args.new_tokens, pad, device)
-            note(f"plain base {plain.wall:.1f} tok/s, PEFT mixed {peft.wall:.1f} tok/s")
+    pad = model.tokenizer.pad_token_id
+    with ThreadPoolExecutor(1, initializer=engine_thread, initargs=(threads,)) as own_thread:
+        naive, naive_runs, plain, peft = own_thread.submit(baselines, args, spec, cache_dir, folders, prompts, spread, pad, device).result()
 
     shape = f"{args.requests} x {args.new_tokens}"
     rows = [
@@ -428,7 +442,7 @@ def main() -> int:
         rows.append(("plain static batch, base (PEFT disabled)", shape, plain, [plain]))
         rows.append(("plain static batch, PEFT adapter_names", shape, peft, [peft]))
     print(
-        f"device {device}, dtype {model.dtype}, torch threads {torch.get_num_threads()}, model {args.model}, "
+        f"device {device}, dtype {model.dtype}, torch threads {threads}, model {args.model}, "
         f"LoRA r={args.rank} alpha={args.alpha} on {len(TARGETS)} projections, "
         f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     )
@@ -437,7 +451,7 @@ def main() -> int:
         print(f"{name:42s} {size:>17s} {r.wall:11.1f} {r.cpu:10.1f}  {[round(x.wall, 1) for x in runs]}")
     figures = {
         "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "requests": args.requests,
         "skills": args.skills,
         "new_tokens": args.new_tokens,
@@ -459,9 +473,9 @@ def main() -> int:
         if device.type == "cpu":
             figures.update(peft_mixed_ratio_vs_base_cpu=round(peft.cpu / plain.cpu, 3))
     prompts_text = [model.tokenizer.decode(p) for p in prompts]
-    del sched, cache, peft_model, model  # the online part's server loads its own copy
+    del sched, cache, model  # the online part's server loads its own copy
     if args.online_requests:
-        online, online_rows = online_part(args, args.model, folders, prompts_text)
+        online, online_rows = online_part(args, args.model, folders, prompts_text, threads)
         figures.update(online)
         print(f"\n{'online path':42s} {'requests x tokens':>17s} {'tok/s wall':>11s} {'ttft p50 s':>10s} {'ttft p95 s':>10s}")
         for name, size, tok_s, p50, p95 in online_rows:

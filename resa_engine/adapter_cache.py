@@ -25,6 +25,7 @@ from typing import Callable
 from .adapter import check_adapter_compat
 from .lora_batch import AdapterMismatch, LoraBank, read_lora
 from .models import LoadedModel
+from .threads import helper_thread
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class AdapterCache:
         self._tick = itertools.count(1)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
-        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix=f"adapter-load-{model.name}")
+        self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix=f"adapter-load-{model.name}", initializer=helper_thread)
         self._loads = self._evictions = 0
         self._closed = False
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .adapter import BASE_ADAPTER
+from .models import last_logits_only
 from .sampling import Completion, SamplingParams, Usage, find_stop, make_generator, sample_next
 
 
@@ -138,7 +139,8 @@ def generate_batch(
 
     def forward(ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
         extra = {"adapter_names": [adapter or BASE_ADAPTER] * ids.shape[0]} if _is_peft(model) else {}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kw: cache}, **extra)
+        keep = last_logits_only(ids.shape[1], ids.device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep, **{cache_kw: cache}, **extra)
         return out.logits[:, -1, :]
 
     logits = forward(input_ids, attention, positions)

@@ -309,6 +309,17 @@ class LoadedModel:
         return layer
 
 
+def last_logits_only(seq_len: int, device: torch.device) -> int | torch.Tensor:
+    """`logits_to_keep` for a forward that needs only the last position's logits. Past one
+    position it is an index tensor: transformers then gathers the last hidden state into a
+    contiguous [rows, 1, hidden] block, where `1` would hand lm_head a strided slice that
+    torch's matmul multiplies as one batched GEMM per row against the whole vocabulary matrix
+    (for 32 prompts on one CPU thread: ~0.3 s per prefill instead of ~0.03 s)."""
+    import torch
+
+    return 1 if seq_len == 1 else torch.tensor([seq_len - 1], device=device)
+
+
 def decoder_layers(model: Any) -> nn.ModuleList:
     """The decoder blocks of a Llama-, Qwen2-, Mistral- or Gemma-style causal LM."""
     from torch import nn

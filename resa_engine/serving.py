@@ -45,7 +45,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .adapter_cache import AdapterCache, AdapterRef
 from .hookpoint import _hidden, _with_hidden
-from .models import LoadedModel
+from .models import LoadedModel, last_logits_only
+from .threads import engine_thread
 from .sampling import Completion, SamplingParams, Usage, find_stop, make_generator, sample_next
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,12 @@ class SchedulerConfig:
     """Padded prompt tokens prefilled in one step when requests join (bounds the pause of running rows)."""
     kv_headroom: int = 64
     """Spare KV-cache columns allocated when the batch is rebuilt, so appends rarely reallocate."""
+    threads: int | None = None
+    """CPU only: torch intra-op threads of the engine thread (None: torch's default; see resa_engine.threads)."""
 
     def __post_init__(self):
         for f in fields(self):
-            if getattr(self, f.name) < 1:
+            if getattr(self, f.name) is not None and getattr(self, f.name) < 1:
                 raise ValueError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
 
 
@@ -639,6 +642,8 @@ class Scheduler:
     # ---------------------------------------------------------------- loop
 
     def _loop(self) -> None:
+        if self.model.device.type == "cpu":
+            engine_thread(self.config.threads)
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -772,7 +777,8 @@ class Scheduler:
             steered = [(i, r.req.steer) for i, r in enumerate(rows) if r.req.steer is not None and r.req.steer.edits]
             if steered:
                 stack.enter_context(_steering_hooks(self.model.layers, steered))
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True, logits_to_keep=1)
+            keep = last_logits_only(seq_len, ids.device)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv, use_cache=True, logits_to_keep=keep)
         self._counts["steps"] += 1
         return out.logits[:, -1, :]
 

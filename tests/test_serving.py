@@ -154,6 +154,32 @@ def test_call_runs_between_steps_on_the_base_weights(served, make_scheduler, tin
         sched.call(lambda m: None)
 
 
+def test_engine_thread_owns_the_cpu_threads_and_loaders_use_one(served, make_scheduler):
+    """resa_engine.threads: the engine runs its forwards on `threads` torch threads, whatever the
+    thread that built it uses; the adapter loader runs on one."""
+    model, cache = served
+    sched = make_scheduler(threads=3)
+    assert sched.call(lambda m: torch.get_num_threads()).result(WAIT) == 3
+    assert cache._pool.submit(torch.get_num_threads).result(WAIT) == 1
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        make_scheduler(start=False, threads=0)
+
+
+def test_prefill_logits_are_the_last_position_of_a_full_forward(served):
+    """last_logits_only: the index form keeps exactly the last position's logits (and 1 for decode)."""
+    from resa_engine.models import last_logits_only
+
+    model, _ = served
+    ids = torch.tensor([prompt_ids(model, "Several tokens of prompt here")] * 2)
+    keep = last_logits_only(ids.shape[1], ids.device)
+    with torch.inference_mode():
+        kept = model.model(input_ids=ids, logits_to_keep=keep).logits
+        full = model.model(input_ids=ids).logits
+    assert kept.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(kept, full[:, -1:], rtol=1e-4, atol=1e-4)
+    assert last_logits_only(1, ids.device) == 1
+
+
 def test_requests_joining_mid_flight_match_running_alone(served, make_scheduler, tiny_llama_dir, adapter_dirs):
     model, _ = served
     sched = make_scheduler()
