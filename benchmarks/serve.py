@@ -56,7 +56,7 @@ from resa_engine.adapter_cache import AdapterCache  # noqa: E402
 from resa_engine.models import ModelRegistry, load_model  # noqa: E402
 from resa_engine.sampling import SamplingParams  # noqa: E402
 from resa_engine.serving import Scheduler  # noqa: E402
-from resa_engine.threads import engine_thread  # noqa: E402
+from resa_engine.threads import engine_thread, helper_thread  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -398,7 +398,7 @@ def main() -> int:
     threads = args.threads or torch.get_num_threads()
     # Only the engine and the baselines' own thread run multi-threaded torch work; setup here runs on
     # one thread, as the server's helper threads do (resa_engine.threads says why).
-    torch.set_num_threads(1)
+    helper_thread()
     load_before = os.getloadavg()[0]
 
     registry = ModelRegistry.load()

@@ -46,8 +46,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .adapter_cache import AdapterCache, AdapterRef
 from .hookpoint import _hidden, _with_hidden
 from .models import LoadedModel, last_logits_only
-from .threads import engine_thread
 from .sampling import Completion, SamplingParams, Usage, find_stop, make_generator, sample_next
+from .threads import engine_thread
 
 log = logging.getLogger(__name__)
 
