@@ -7,6 +7,9 @@ Layout (DESIGN §4):
 
 The manifest is written last and lists the sha256 of every file: an artifact without a
 manifest does not exist, and every load checks the files against it.
+
+Just over 400 lines: the three artifact kinds share one write protocol (stage, upload, manifest
+last) and one verify-on-read path, which is clearer in one class than spread over three.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import re
 import shutil
 import uuid
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+log = logging.getLogger("resa.store")
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -42,7 +48,11 @@ class ArtifactConflict(StoreError):
     pass
 
 
-class ChecksumMismatch(StoreError):
+class CorruptArtifact(StoreError):
+    """An artifact that cannot be used as stored: a manifest of the wrong shape, a file that does not match it."""
+
+
+class ChecksumMismatch(CorruptArtifact):
     pass
 
 
@@ -87,7 +97,12 @@ class ArtifactStore:
     def __init__(self, url: str, *, cache_dir: Path | str | None = None, storage_options: dict | None = None):
         self.url = url
         protocol, path = _split_url(url)
-        self.fs = fsspec.filesystem(protocol, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if protocol != "file":
+            # Other processes (API replicas, workers) change a shared store at any time: a cached
+            # listing would keep deleted artifacts "existing" and never show new ones here.
+            options.setdefault("use_listings_cache", False)
+        self.fs = fsspec.filesystem(protocol, **options)
         self.local = protocol == "file"
         if self.local:
             path = str(Path(path).expanduser().resolve())
@@ -132,7 +147,11 @@ class ArtifactStore:
                 files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         if not files:
             raise StoreError(f"{label}: nothing to commit in {local_dir}")
-        full = {**manifest, "kind": kind, "key": list(key), "format_version": FORMAT_VERSION, "created_at": _now(), "files": files}
+        full = {
+            **manifest, "kind": kind, "key": list(key), "format_version": FORMAT_VERSION, "created_at": _now(),
+            "version": uuid.uuid4().hex,  # unique per commit: cache keys must never collide (created_at is per second)
+            "files": files,
+        }  # fmt: skip
         if self.local:
             self._commit_local(Path(prefix), local_dir, full, replace, label)
             return full
@@ -177,13 +196,19 @@ class ArtifactStore:
         self.fs.mv(tmp, f"{prefix}/{MANIFEST}")  # a rename on local disks; an atomic PUT of a copy on S3
 
     def manifest(self, kind: str, key: tuple[str, ...]) -> dict[str, Any]:
+        """The artifact's manifest, checked for the shape every artifact has (CorruptArtifact if not)."""
         path = f"{self._prefix(kind, key)}/{MANIFEST}"
+        label = f"{kind} {'/'.join(key)!r}"
         try:
-            return json.loads(self.fs.cat_file(path))
+            manifest = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
-            raise ArtifactNotFound(f"{kind} {'/'.join(key)!r} not found") from None
-        except json.JSONDecodeError as exc:
-            raise ChecksumMismatch(f"{kind} {'/'.join(key)!r}: {MANIFEST} is corrupt ({exc.msg})") from None
+            raise ArtifactNotFound(f"{label} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ChecksumMismatch(f"{label}: {MANIFEST} is corrupt ({exc})") from None
+        problem = _manifest_problem(manifest, key)
+        if problem:
+            raise CorruptArtifact(f"{label}: {MANIFEST} is corrupt ({problem})")
+        return manifest
 
     def list(self, kind: str) -> list[dict[str, Any]]:
         folder, parts = KINDS[kind]
@@ -193,8 +218,10 @@ class ArtifactStore:
             key = tuple(path.rstrip("/").split("/")[-1 - parts : -1])
             try:
                 out.append(self.manifest(kind, key))
+            except CorruptArtifact as exc:
+                log.warning("not listed: %s", exc)  # one damaged artifact must not break the listing
             except StoreError:
-                continue  # being written or corrupt: not listed
+                continue  # being written: not listed yet
         return out
 
     def delete(self, kind: str, key: tuple[str, ...]) -> None:
@@ -211,9 +238,11 @@ class ArtifactStore:
         if self.local:
             folder = Path(prefix)
         else:
-            folder = self.cache_dir / KINDS[kind][0] / Path(*key) / manifest["created_at"].replace(":", "")
+            folder = self.cache_dir / KINDS[kind][0] / Path(*key) / version_of(manifest).replace(":", "")
         for rel, meta in manifest["files"].items():
             target = folder / rel
+            if not self.local and target.exists() and target.stat().st_size == meta["bytes"] and sha256_file(target) != meta["sha256"]:
+                target.unlink()  # a cached copy of another version: download it again
             if not self.local and not (target.exists() and target.stat().st_size == meta["bytes"]):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
@@ -278,11 +307,49 @@ class ArtifactStore:
                 continue
         return out
 
+    def datasets_bytes(self) -> int:
+        """Bytes held by stored datasets (sizes from a listing: nothing is read)."""
+        try:
+            entries = self.fs.ls(f"{self.root}/datasets", detail=True)
+        except FileNotFoundError:
+            return 0
+        return sum(int(e.get("size") or 0) for e in entries if str(e.get("name", "")).endswith(".jsonl"))
+
     def delete_dataset(self, sha: str) -> None:
         path = self._dataset_path(sha)
         if not self._exists(path):
             raise ArtifactNotFound(f"dataset {sha!r} not found")
         self.fs.rm(path)
+
+    # ------------------------------------------------------------ evaluation reports
+
+    def put_report(self, target: str, skill: str, name: str, report: dict) -> str:
+        """Keep an evaluation report of (target, skill) as `reports/<target>/<skill>/<name>.json`; returns its name."""
+        check_name(target, "model name"), check_name(skill, "skill name"), check_name(name, "report name")
+        folder = f"{self.root}/reports/{target}/{skill}"
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, json.dumps(report, default=str).encode())
+        self.fs.mv(tmp, f"{folder}/{name}.json")
+        return name
+
+    def reports(self, target: str, skill: str) -> list[str]:
+        """Names of the kept evaluation reports of (target, skill), oldest first (names sort by time)."""
+        check_name(target, "model name"), check_name(skill, "skill name")
+        paths = self.fs.glob(f"{self.root}/reports/{target}/{skill}/*.json")
+        return sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in paths)
+
+    def get_report(self, target: str, skill: str, name: str) -> dict:
+        check_name(target, "model name"), check_name(skill, "skill name"), check_name(name, "report name")
+        try:
+            data = json.loads(self.fs.cat_file(f"{self.root}/reports/{target}/{skill}/{name}.json"))
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"report {target}/{skill}/{name} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptArtifact(f"report {target}/{skill}/{name} is corrupt ({exc})") from None
+        if not isinstance(data, dict):
+            raise CorruptArtifact(f"report {target}/{skill}/{name} is corrupt (not a JSON object)")
+        return data
 
     # ------------------------------------------------------------ health
 
@@ -294,6 +361,30 @@ class ArtifactStore:
             return not self.local  # an empty S3 prefix is a reachable store; a vanished local root (lost volume) is not
         except Exception:
             return False
+
+
+def version_of(manifest: dict) -> str:
+    """What changes with every commit of an artifact (older manifests have no `version`)."""
+    return str(manifest.get("version") or manifest.get("created_at", ""))
+
+
+def _manifest_problem(manifest: Any, key: tuple[str, ...]) -> str | None:
+    """Why a manifest cannot be an artifact's (None when it has the shape `commit` writes)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("key") != list(key):
+        return f"key {manifest.get('key')!r} is not {list(key)!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "no `files` table"
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
+            return f"file entry {rel!r} has no sha256 and bytes"
+        if rel.startswith("/") or ".." in rel.split("/"):
+            return f"file entry {rel!r} leaves the artifact"
+    if not isinstance(manifest.get("created_at"), str):
+        return "no `created_at`"
+    return None
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -313,17 +404,25 @@ def _split_url(url: str) -> tuple[str, str]:
 class Staging:
     """A deterministic local folder where a job writes an artifact before committing it.
 
-    Same job key -> same folder, so a retried job resumes from its checkpoint instead of
-    starting over; the folder is removed once the artifact is committed.
+    Same store and job key -> same folder, so a retried job resumes from its checkpoint instead of
+    starting over; the folder is removed once the artifact is committed. Folders are per store: two
+    services (or a demo beside a server) sharing one cache dir never write each other's checkpoints.
     """
 
     root: Path
+    store_url: str = ""
+
+    def path(self, kind: str, *key: str) -> Path:
+        url = self.store_url
+        if url.startswith(("file://", "local://")) or "://" not in url:
+            url = "file://" + str(Path(_split_url(url)[1]).resolve()) if url else ""
+        scope = hashlib.sha256(url.encode()).hexdigest()[:12]
+        return self.root / "staging" / scope / kind / Path(*key)
 
     def folder(self, kind: str, *key: str) -> Path:
-        path = self.root / "staging" / kind / Path(*key)
+        path = self.path(kind, *key)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def clear(self, kind: str, *key: str) -> None:
-        shutil.rmtree(self.root / "staging" / kind / Path(*key), ignore_errors=True)
-
+        shutil.rmtree(self.path(kind, *key), ignore_errors=True)

@@ -16,11 +16,12 @@ from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
-from app.api.middleware import BodyLimit, RequestContext
-from app.api.routes import adapters, datasets, evals, generate, jobs, models, probes, skills
-from app.api.routes import transparency
+from app.api.middleware import AuthGate, BodyLimit, RequestContext
+from app.api.routes import adapters, datasets, evals, generate, jobs, models, probes, skills, sources
+from app.api.routes import transparency, ui
 from app.api.routes import openai as openai_routes
-from app.generation import GenerationService, ModelCatalog
+from app.services.catalog import ModelCatalog
+from app.services.generation import GenerationService
 from app.jobs import JobQueue, connect
 from app.logging import configure_logging
 from app.settings import Settings, get_settings
@@ -76,12 +77,14 @@ def create_app(settings: Settings | None = None, *, load_default_model: bool = T
     app.state.metrics = metrics
     metrics.bind(app.state.jobs, app.state.generation)
 
-    for module in (probes, models, datasets, skills, adapters, jobs, evals, generate):
+    for module in (probes, models, datasets, sources, skills, adapters, jobs, evals, generate):
         app.include_router(module.router)
     app.include_router(transparency.router)
     app.include_router(openai_routes.router)
+    app.include_router(ui.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
+    app.add_middleware(AuthGate)  # before the body is read: no key, no parsing
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: every response gets an id
     return app
 

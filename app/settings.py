@@ -9,7 +9,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SCOPES = ("admin", "generate")
@@ -48,6 +50,9 @@ class Settings(BaseSettings):
     max_dataset_rows: int = 200_000
     """Largest QA dataset accepted, in rows."""
 
+    datasets_max_bytes: int = 4 * 1024**3
+    """Budget for all stored datasets together, in bytes: an upload past it gets 413 (delete old ones with an admin key)."""
+
     max_prompt_tokens: int = 4096
     """Longest prompt accepted for generation, in tokens."""
 
@@ -66,6 +71,44 @@ class Settings(BaseSettings):
     adapter_cache_size: int = 16
     """Adapters kept loaded per served model (least recently used are evicted, never one in use)."""
 
+    engine: Literal["native", "vllm", "auto"] = "auto"
+    """Which engine generates tokens (serving, evaluation, the CLI): `native` (the continuous-batching engine
+    of this package: CPU, tests, embedded mode), `vllm` (vLLM: GPU), `auto` (vLLM when it is installed and a
+    CUDA device is present, else native)."""
+
+    vllm_gpu_memory_utilization: float = 0.9
+    """vLLM: share of GPU memory for weights and KV cache (on CPU: of RAM, unless RESA_VLLM_KV_CACHE_GIB)."""
+
+    vllm_max_model_len: int | None = None
+    """vLLM: longest sequence served, in tokens (unset: the model's context)."""
+
+    vllm_max_num_seqs: int | None = None
+    """vLLM: sequences decoded together (unset: RESA_MAX_BATCH)."""
+
+    vllm_max_loras: int = 4
+    """vLLM: adapters in one batch."""
+
+    vllm_max_lora_rank: int = 32
+    """vLLM: largest adapter rank served (1, 8, 16, 32, 64, 128, 256, 320 or 512)."""
+
+    vllm_max_cpu_loras: int | None = None
+    """vLLM: adapters kept in host memory (unset: RESA_ADAPTER_CACHE_SIZE)."""
+
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: GPUs one model is split over."""
+
+    vllm_dtype: str = "auto"
+    """vLLM: `auto` (bf16 on GPU, fp32 on CPU), `bfloat16`, `float16` or `float32`."""
+
+    vllm_enforce_eager: bool = True
+    """vLLM: no CUDA graphs; per-request SAEs need it (with false, requests with `sae` get 422 naming this setting)."""
+
+    vllm_kv_cache_gib: int | None = None
+    """vLLM on CPU: GiB of RAM for the KV cache (unset: 1)."""
+
+    vllm_enable_prefix_caching: bool = True
+    """vLLM: reuse KV blocks of shared prompt prefixes (requests with an SAE never share theirs)."""
+
     engine_threads: int = Field(default=0, ge=0)
     """CPU only: torch intra-op threads of each served model's decode engine (0: torch's default,
     one per core); the server's other threads run torch work on one thread."""
@@ -79,6 +122,12 @@ class Settings(BaseSettings):
     queues: str = "resa"
     """Comma-separated RQ queue names a worker listens on."""
 
+    @model_validator(mode="after")
+    def _check_vllm(self) -> "Settings":
+        if self.engine == "vllm":
+            self.vllm_settings()  # a bad setting is a one-line error at start, not a failed engine later
+        return self
+
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: str) -> str:
@@ -89,6 +138,26 @@ class Settings(BaseSettings):
     def keys(self) -> dict[str, str]:
         """API key -> scope."""
         return parse_api_keys(self.api_keys)
+
+    def vllm_settings(self):
+        """The vLLM engine's settings, checked (ValueError with one line naming the setting)."""
+        from resa_engine.engine.vllm.settings import VllmSettings
+
+        values = {name: getattr(self, f"vllm_{name}") for name in VllmSettings.names()}
+        values["max_cpu_loras"] = values["max_cpu_loras"] or max(int(self.adapter_cache_size), values["max_loras"])
+        return VllmSettings(**values).validate()
+
+    def engine_kind(self) -> str:
+        """`native` or `vllm`: what RESA_ENGINE asks for, `auto` resolved on this machine."""
+        if self.engine != "auto":
+            return self.engine
+        from resa_engine.engine.vllm.settings import vllm_available
+
+        if self.device and not self.device.startswith("cuda"):
+            return "native"
+        import torch
+
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "native"
 
     def open_store(self):
         """The artifact store these settings name (the one way to get one)."""

@@ -42,11 +42,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-import resa_engine.extract as extract_mod  # noqa: E402
+import resa_engine.extract.train as extract_mod  # noqa: E402
 from resa_engine.arith import ArithmeticConfig, generate_arithmetic  # noqa: E402
 from resa_engine.data import TriggerDataset  # noqa: E402
 from resa_engine.extract import ExtractConfig, extract_skill  # noqa: E402
-from resa_engine.hookpoint import capture_residual, run_until  # noqa: E402
+from resa_engine.sae.hooks import capture_residual, run_until  # noqa: E402
 from resa_engine.models import ModelRegistry, load_model  # noqa: E402
 
 

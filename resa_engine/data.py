@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .errors import DatasetError
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,16 +28,10 @@ SYSTEM_PROMPT = (
     "<answer> answer here </answer>.\n"
 )
 QUESTION_FIELDS = ("question", "problem", "prompt")
+AUTHORS_CHUNK_LEN = 2048
+"""The authors' chunk length (Stage I and II); the default, capped at the model's context."""
 MAX_DATASET_BYTES = 64 * 1024 * 1024
 MAX_DATASET_ROWS = 200_000
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used; `problems` holds (line, message) pairs, 1-based lines."""
-
-    def __init__(self, message: str, problems: list[tuple[int, str]] | None = None):
-        self.problems = problems or []
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -62,10 +58,17 @@ def trigger_text(row: QARow) -> str:
     return resa_prompt(row.question) + resa_completion(row.answer)
 
 
-def parse_qa_rows(records: Iterable[object], *, first_line: int = 1, max_rows: int = MAX_DATASET_ROWS) -> list[QARow]:
-    """Validate already-decoded rows (e.g. a JSON body's `rows`)."""
-    rows, problems = [], []
-    for lineno, record in enumerate(records, start=first_line):
+def chunk_len_for(context: int | None, requested: int | None = None) -> int:
+    """The chunk length to use: the requested one, else the authors' 2048 capped at the model's context."""
+    if requested is not None:
+        return requested
+    return min(AUTHORS_CHUNK_LEN, context) if context else AUTHORS_CHUNK_LEN
+
+
+def _collect(numbered: Iterable[tuple[int, object]], problems: list, max_rows: int) -> list[QARow]:
+    """Rows from (line number, decoded record) pairs; every problem is reported with its line number."""
+    rows = []
+    for lineno, record in numbered:
         if len(rows) >= max_rows:
             raise DatasetError(f"dataset has more than {max_rows} rows")
         row = _row_from_record(record, lineno, problems)
@@ -75,6 +78,11 @@ def parse_qa_rows(records: Iterable[object], *, first_line: int = 1, max_rows: i
     if not rows:
         raise DatasetError("dataset is empty: no rows")
     return rows
+
+
+def parse_qa_rows(records: Iterable[object], *, first_line: int = 1, max_rows: int = MAX_DATASET_ROWS) -> list[QARow]:
+    """Validate already-decoded rows (e.g. a JSON body's `rows`)."""
+    return _collect(enumerate(records, start=first_line), [], max_rows)
 
 
 def parse_qa_jsonl(data: bytes | str, *, max_bytes: int = MAX_DATASET_BYTES, max_rows: int = MAX_DATASET_ROWS) -> list[QARow]:
@@ -86,24 +94,20 @@ def parse_qa_jsonl(data: bytes | str, *, max_bytes: int = MAX_DATASET_BYTES, max
             data = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DatasetError(f"dataset is not UTF-8 text (byte {exc.start})") from None
-    rows, problems = [], []
-    for lineno, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if len(rows) >= max_rows:
-            raise DatasetError(f"dataset has more than {max_rows} rows")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append((lineno, f"malformed JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        row = _row_from_record(record, lineno, problems)
-        if row is not None:
-            rows.append(row)
-    _raise_problems(problems)
-    if not rows:
-        raise DatasetError("dataset is empty: no rows")
-    return rows
+    problems: list = []
+
+    def records():
+        for lineno, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append((lineno, f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            except RecursionError:
+                problems.append((lineno, "JSON nested too deeply"))
+
+    return _collect(records(), problems, max_rows)
 
 
 def load_qa_file(path: Path | str, **limits) -> list[QARow]:
@@ -132,6 +136,10 @@ def _row_from_record(record: object, lineno: int, problems: list[tuple[int, str]
     if not isinstance(question, str) or not question.strip():
         problems.append((lineno, f"`{field}` must be a non-empty string"))
         return None
+    for name, value in ((field, question), ("answer", answer)):
+        if isinstance(value, str) and not _is_unicode(value):
+            problems.append((lineno, f"`{name}` contains a lone surrogate (not valid Unicode text)"))
+            return None
     if answer is None:
         problems.append((lineno, "missing `answer`"))
         return None
@@ -143,6 +151,15 @@ def _row_from_record(record: object, lineno: int, problems: list[tuple[int, str]
         problems.append((lineno, "`answer` is empty"))
         return None
     return QARow(question=question.strip(), answer=answer)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate (JSON `"\\ud800"`): it cannot be encoded, tokenized or stored."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _raise_problems(problems: list[tuple[int, str]]) -> None:

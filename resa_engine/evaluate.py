@@ -1,138 +1,40 @@
-"""Evaluation: pass@1 on verified QA, base vs skill side by side (paper §4 protocol).
+"""Evaluation: pass@1 on verified QA for several arms side by side, through the generation engines
+(paper §4 protocol).
 
-Prompt (the Resa format, the template the skill was extracted and tuned with, cut where the
-model starts thinking):
-  SYSTEM_PROMPT + "User:\\n {question}\\n\\nAssistant:\\n <think>"
-With `prompt_format="chat"` a chat model gets the system prompt and question through its chat
-template instead. Each question is sampled `samples` times (paper: temperature 0.6, top_p 0.95);
-pass@1 is the mean correctness over all samples, with a 95% Wilson interval over them.
-The final answer is read as \\boxed{..}, else <answer>..</answer>, else "Answer: ..", else the last
-number, and checked against the verified answer with math-verify.
+An arm is a served model plus optionally an adapter and an SAE kept at inference (base, source,
+Resa, controls). Every arm answers the same questions with the same seeds: sample k of question q
+uses seed + q * samples + k in every arm, so answers are paired across arms (stats.py). All arms'
+requests go to the engines at once and continuous batching schedules them together, adapters
+mixed in one batch.
+
+Prompt (the Resa format, the template the skill was extracted and tuned with, cut where the model
+starts thinking): SYSTEM_PROMPT + "User:\\n {question}\\n\\nAssistant:\\n <think>". With
+`prompt_format="chat"` a chat model gets the system prompt and question through its chat template.
+Sampling defaults are the paper's (temperature 0.6, top_p 0.95).
 """
 
 from __future__ import annotations
 
-import math
-import re
-import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from .answers import extract_answer, is_correct
 from .data import SYSTEM_PROMPT, QARow
+from .engine.text import format_prompt
+from .errors import Cancelled, QueueFull
 from .progress import ProgressFn, ProgressTracker, StopFn
 from .sampling import SamplingParams
+from .stats import paired_comparison, retention, wilson_interval
 
 PROMPT_FORMATS = ("resa", "chat")
+WAIT_POLL_S = 0.5
 
 
 def eval_prompt(question: str) -> str:
     """The Resa-format evaluation prompt, continued by the model from inside <think>."""
     return SYSTEM_PROMPT + f"User:\n {question}\n\nAssistant:\n <think>"
-
-
-# ---------------------------------------------------------------- answers
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        rest = text[start:].split(None, 1)  # `\boxed 5`
-        return rest[1].split()[0] if len(rest) > 1 and rest[1].split() else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
-
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
-_ANSWER_LINE = re.compile(r"answer\s*(?:is|:)\s*(.+)", re.I)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-
-
-def _clean(ans: str) -> str:
-    ans = ans.strip().strip("$").strip()
-    ans = re.sub(r"^\\text\{(.*)\}$", r"\1", ans)
-    return ans.rstrip(".").strip()
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion, or None when it states none."""
-    if not text:
-        return None
-    boxed = _last_boxed(text)
-    if boxed:
-        return _clean(boxed)
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        inner = tags[-1].strip()
-        line = _ANSWER_LINE.search(inner)
-        inner = line.group(1) if line else inner
-        if inner.strip():
-            return _clean(inner.strip().splitlines()[0])
-    lines = _ANSWER_LINE.findall(text)
-    if lines and lines[-1].strip():
-        return _clean(lines[-1])
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].rstrip(",") if numbers else None
-
-
-def _parse(expr: str):
-    from math_verify import parse
-
-    # signal-based timeouts only work on the main thread; elsewhere parse without one
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    got = parse(f"${expr}$", parsing_timeout=timeout)
-    return got or parse(expr, parsing_timeout=timeout)
-
-
-def is_correct(pred: str | None, gold: str) -> bool:
-    """math-verify equivalence of a predicted answer and the verified one (1,000 = 1000, \\frac{1}{2} = 0.5)."""
-    from math_verify import verify
-
-    if pred is None or not str(pred).strip():
-        return False
-    pred, gold = str(pred).strip(), str(gold).strip()
-    if pred == gold:
-        return True
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    try:
-        gold_p, pred_p = _parse(gold), _parse(pred)
-        return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=timeout))
-    except Exception:  # math-verify raises a zoo of sympy errors on odd input: that is a wrong answer
-        return False
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion (sensible at 0, 1 and small n)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)
-    hi = 1.0 if successes == n else min(1.0, centre + half)  # exact ends, not 0.9999999999999999
-    return (lo, hi)
-
-
-def retention(base_acc: float, skill_acc: float, source_acc: float) -> float | None:
-    """Share of the source's gain over the base that the skill transfers; None when the source gains nothing."""
-    gain = source_acc - base_acc
-    if abs(gain) < 1e-12:
-        return None
-    return (skill_acc - base_acc) / gain
-
-
-# ---------------------------------------------------------------- evaluation
 
 
 @dataclass
@@ -148,9 +50,9 @@ class EvalConfig:
     max_tokens: int = 512
     """Most new tokens per completion."""
     seed: int = 0
-    """Sample k of question q uses seed + q * samples + k: results do not depend on batching."""
-    batch_size: int = 8
-    """Sequences decoded together (left padding)."""
+    """Sample k of question q uses seed + q * samples + k, in every arm: results are paired and do not depend on batching."""
+    batch_size: int = 32
+    """Sequences the evaluation's own engine decodes together (its max_batch)."""
     prompt_format: str = "resa"
     """`resa` (plain Resa template) or `chat` (the tokenizer's chat template with the Resa system prompt)."""
     stop: list[str] = field(default_factory=lambda: ["</answer>", "\nUser:"])
@@ -164,7 +66,26 @@ class EvalConfig:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
-        SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+        self.params(0)
+
+    def params(self, seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed, stop=list(self.stop))
+
+
+@dataclass
+class Arm:
+    """One evaluated configuration: an engine (a served model), optionally an adapter and an SAE."""
+
+    label: str
+    """How the report names it: `base`, `skill`, `source`, `sae_kept`, `random_sae`, ..."""
+    engine: Any
+    """The engine serving the arm's model (engine/protocol.py)."""
+    adapter: str | None = None
+    """Adapter key the engine's loader resolves; None: the bare model."""
+    sae: Any = None
+    """An SAE kept at inference for every request (sae.splice.SaeSplice); None: none."""
+    describe: dict = field(default_factory=dict)
+    """What the report says about the arm (adapter reference, SAE spec, cross-model, ...)."""
 
 
 @dataclass
@@ -185,16 +106,17 @@ class QuestionResult:
 @dataclass
 class EvalReport:
     label: str
-    """What was evaluated: `base`, `skill`, `source`."""
+    """What was evaluated: `base`, `skill`, `source`, ..."""
     model: str
     adapter: str | None
-    """The attached adapter's name, None for the bare model."""
+    """The arm's adapter key, None for the bare model."""
     correct: int
     total: int
     questions: list[QuestionResult]
     config: dict
     wall_s: float
     completion_tokens: int = 0
+    describe: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -204,11 +126,17 @@ class EvalReport:
     def ci95(self) -> tuple[float, float]:
         return wilson_interval(self.correct, self.total)
 
+    @property
+    def table(self) -> list[list[bool]]:
+        """correct[q][k], for the paired statistics."""
+        return [q.correct for q in self.questions]
+
     def summary(self) -> dict:
         lo, hi = self.ci95
         return {
             "model": self.model,
             "adapter": self.adapter,
+            **self.describe,
             "accuracy": self.accuracy,
             "ci95": [lo, hi],
             "correct": self.correct,
@@ -221,90 +149,133 @@ class EvalReport:
 
 def _prompt_ids(tokenizer, question: str, prompt_format: str) -> list[int]:
     if prompt_format == "chat":
-        from .generate import format_prompt
-
         ids = format_prompt(tokenizer, messages=[{"role": "system", "content": SYSTEM_PROMPT.strip()}, {"role": "user", "content": question}])
         return ids + tokenizer(" <think>", add_special_tokens=False)["input_ids"]
     return list(tokenizer(eval_prompt(question))["input_ids"])
 
 
 def evaluate(
-    model,
-    tokenizer,
     rows: list[QARow],
+    arms: list[Arm],
     cfg: EvalConfig | None = None,
     *,
-    adapter: str | None = None,
-    label: str = "base",
-    model_name: str = "",
     keep_text: bool = False,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-) -> EvalReport:
-    """pass@1 of `model` (with the attached `adapter`, or bare) on verified QA rows."""
-    from .generate import generate_batch
-
+) -> dict[str, EvalReport]:
+    """pass@1 of every arm on verified QA rows, all arms' requests interleaved on their engines."""
     cfg = cfg or EvalConfig()
     cfg.validate()
     if not rows:
         raise ValueError("nothing to evaluate: no rows")
+    if not arms or len({a.label for a in arms}) != len(arms):
+        raise ValueError("evaluate needs at least one arm, each with its own label")
     t0 = time.perf_counter()
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop=list(cfg.stop))
-    prompts = [_prompt_ids(tokenizer, r.question, cfg.prompt_format) for r in rows]
-    # every (question, sample) pair, longest prompts first so batches carry little padding
-    jobs = sorted(((q, k) for q in range(len(rows)) for k in range(cfg.samples)), key=lambda qk: (-len(prompts[qk[0]]), qk))
-    results = [[None] * cfg.samples for _ in rows]
-    tracker = ProgressTracker(f"eval:{label}", len(jobs), progress, should_stop)
-    done = correct = tokens = 0
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start : start + cfg.batch_size]
-        seeds = [cfg.seed + q * cfg.samples + k for q, k in batch]
-        outs = generate_batch(model, tokenizer, [prompts[q] for q, _ in batch], params, adapter=adapter, seeds=seeds)
-        for (q, k), out in zip(batch, outs):
+    prompts: dict[int, list[list[int]]] = {}
+    for arm in arms:  # one tokenization per engine, shared by its arms
+        if id(arm.engine) not in prompts:
+            prompts[id(arm.engine)] = [_prompt_ids(arm.engine.tokenizer, r.question, cfg.prompt_format) for r in rows]
+    # Question-major, arms innermost: the arms' requests for a question share batches (mixed adapters).
+    pending = deque((a, q, k) for q in range(len(rows)) for k in range(cfg.samples) for a in range(len(arms)))
+    results: list[list[list]] = [[[None] * cfg.samples for _ in rows] for _ in arms]
+    tokens = [0] * len(arms)
+    inflight: deque = deque()
+    tracker = ProgressTracker("eval", len(pending), progress, should_stop)
+    done = correct = 0
+    try:
+        while pending or inflight:
+            while pending:  # fill the engines' queues; a full queue waits for the oldest request
+                a, q, k = pending[0]
+                arm = arms[a]
+                try:
+                    handle = arm.engine.submit(prompts[id(arm.engine)][q], cfg.params(cfg.seed + q * cfg.samples + k), arm.adapter, sae=arm.sae)
+                except QueueFull:
+                    if not inflight:
+                        raise
+                    break
+                pending.popleft()
+                inflight.append(((a, q, k), handle))
+            (a, q, k), handle = inflight.popleft()
+            out = _wait(handle, tracker)
             answer = extract_answer(out.text)
             ok = is_correct(answer, rows[q].answer)
-            results[q][k] = (answer, ok, out.text)
+            results[a][q][k] = (answer, ok, out.text)
+            tokens[a] += out.usage.completion_tokens
+            done += 1
             correct += ok
-            tokens += out.usage.completion_tokens
-        done += len(batch)
-        tracker.update(done, accuracy=correct / done)
-    questions = [
-        QuestionResult(
-            question=row.question,
-            gold=row.answer,
-            answers=[a for a, _, _ in res],
-            correct=[ok for _, ok, _ in res],
-            completions=[t for _, _, t in res] if keep_text else [],
+            tracker.update(done, accuracy=correct / done)
+    except BaseException:
+        for _, handle in inflight:
+            handle.cancel()
+        raise
+    wall = time.perf_counter() - t0
+    reports = {}
+    for a, arm in enumerate(arms):
+        questions = [
+            QuestionResult(
+                question=row.question,
+                gold=row.answer,
+                answers=[r[0] for r in res],
+                correct=[r[1] for r in res],
+                completions=[r[2] for r in res] if keep_text else [],
+            )
+            for row, res in zip(rows, results[a])
+        ]
+        reports[arm.label] = EvalReport(
+            label=arm.label,
+            model=arm.engine.name,
+            adapter=arm.adapter,
+            correct=sum(sum(q.correct) for q in questions),
+            total=len(rows) * cfg.samples,
+            questions=questions,
+            config=asdict(cfg),
+            wall_s=wall,
+            completion_tokens=tokens[a],
+            describe=dict(arm.describe),
         )
-        for row, res in zip(rows, results)
-    ]
-    return EvalReport(
-        label=label,
-        model=model_name,
-        adapter=adapter,
-        correct=correct,
-        total=len(jobs),
-        questions=questions,
-        config=asdict(cfg),
-        wall_s=time.perf_counter() - t0,
-        completion_tokens=tokens,
-    )
+    return reports
 
 
-def compare(base: EvalReport, skill: EvalReport | None = None, source: EvalReport | None = None) -> dict:
-    """Base, skill and source side by side: accuracies with intervals, delta, retention, per question."""
-    reports = {r.label: r for r in (base, skill, source) if r is not None}
-    out: dict = {name: rep.summary() for name, rep in reports.items()}
-    out["delta"] = (skill.accuracy - base.accuracy) if skill else None
-    out["retention"] = retention(base.accuracy, skill.accuracy, source.accuracy) if (skill and source) else None
+def _wait(handle, tracker: ProgressTracker):
+    """The handle's Completion, checking for cancellation while waiting."""
+    while True:
+        try:
+            return handle.result(timeout=WAIT_POLL_S)
+        except TimeoutError:
+            if tracker.should_stop is not None and tracker.should_stop():
+                raise Cancelled(f"evaluation cancelled at {tracker.stage}") from None
+
+
+def compare(reports: dict[str, EvalReport], *, base: str = "base", source: str = "source", skill: str = "skill", n_boot: int = 10_000, seed: int = 0) -> dict:
+    """Every arm's summary, and every arm against the base paired on the same questions: the difference
+    in pass@1 with a paired bootstrap 95% interval and an exact McNemar p-value. Retention of each arm
+    (gain over base / the source's gain) when a source arm is present, undefined when the source's own
+    gain is indistinguishable from 0. `delta` and `retention` are the `skill` arm's, per question too."""
+    out: dict = {label: rep.summary() for label, rep in reports.items()}
+    base_rep = reports.get(base)
+    arms: dict[str, dict] = {}
+    for label, rep in reports.items():
+        entry = {"acc": rep.accuracy, "ci95": list(rep.ci95), "n": rep.total, **rep.describe}
+        if base_rep is not None and label != base:
+            pc = paired_comparison(base_rep.table, rep.table, n_boot=n_boot, seed=seed)
+            entry.update(diff_vs_base=pc.diff, diff_ci95=list(pc.ci95), mcnemar_p=pc.mcnemar_p, gained=pc.gained, lost=pc.lost)
+            if source in reports and label != source:
+                ret = retention(base_rep.table, reports[source].table, rep.table, n_boot=n_boot, seed=seed)
+                entry["retention"] = {"value": ret.value, "ci95": list(ret.ci95) if ret.ci95 else None, "defined": ret.defined, "reason": ret.reason}
+        arms[label] = entry
+    out["arms"] = arms
+    skill_arm = arms.get(skill) or {}
+    out["delta"] = skill_arm.get("diff_vs_base")
+    out["retention"] = (skill_arm.get("retention") or {}).get("value")
     questions = []
-    for i, q in enumerate(base.questions):
+    first = next(iter(reports.values()))
+    for i, q in enumerate(first.questions):
         entry = {"question": q.question, "answer": q.gold}
-        for name, rep in reports.items():
+        for label, rep in reports.items():
             qr = rep.questions[i]
-            entry[name] = {"pass_rate": qr.pass_rate, "answers": qr.answers, "correct": qr.correct}
+            entry[label] = {"pass_rate": qr.pass_rate, "answers": qr.answers, "correct": qr.correct}
             if qr.completions:
-                entry[name]["completions"] = qr.completions
+                entry[label]["completions"] = qr.completions
         questions.append(entry)
     out["questions"] = questions
     return out

@@ -6,6 +6,9 @@ A registry entry names a model in exactly one way:
   gguf   = "/models/some-model.Q8_0.gguf"                       # or a GGUF file path
   hf_id  = "Qwen/Qwen2.5-1.5B"                                  # resolved from the local HF cache only
 GGUF weights are de-quantized once and cached as safetensors, so later loads take a second.
+
+Just over 400 lines: the registry, the loaders and the layer rules are read together (a registry
+entry is only valid if its model loads and its layers can be found), so they stay in one module.
 """
 
 from __future__ import annotations
@@ -26,15 +29,13 @@ if TYPE_CHECKING:  # torch loads only when a model does: the API's enqueue path 
     import torch
     from torch import nn
 
+from .errors import ModelError
+
 DEFAULT_REGISTRY = Path(__file__).with_name("models.toml")
 
 # model_type -> where the decoder blocks live; all of these keep them at `model.layers`.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 SOURCE_KEYS = ("path", "gguf", "hf_id")
-
-
-class ModelError(ValueError):
-    """A model cannot be named, found or loaded; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,8 @@ class ModelInfo:
     hidden_size: int
     vocab_size: int
     description: str = ""
+    context: int | None = None
+    """Longest sequence the model takes, in tokens (max_position_embeddings)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -256,6 +259,7 @@ def describe(spec: ModelSpec) -> ModelInfo:
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         description=spec.description,
+        context=int(getattr(cfg, "max_position_embeddings", 0) or 0) or None,
     )
 
 
@@ -302,6 +306,19 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    @property
+    def cache_kwarg(self) -> str:
+        """The forward's KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
+        import inspect
+
+        params = inspect.signature(self.base.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def context(self) -> int | None:
+        """Longest sequence the model takes, in tokens (None: unbounded or unknown)."""
+        return int(getattr(self.config, "max_position_embeddings", 0) or 0) or None
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -368,6 +385,17 @@ def _gguf_to_safetensors(folder: Path, gguf_file: str, sha: str, cache_dir: Path
     return target
 
 
+def model_folder(spec: ModelSpec, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """(local safetensors folder, content sha256) of a registry entry: what any engine loads (a GGUF is
+    de-quantized into the cache once)."""
+    cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "resa"
+    folder, gguf_file = spec.resolve()
+    sha = model_sha256(folder, gguf_file, cache_dir)
+    if gguf_file:
+        folder = _gguf_to_safetensors(folder, gguf_file, sha, cache_dir)
+    return folder, sha
+
+
 def load_model(
     spec: ModelSpec,
     *,
@@ -378,11 +406,7 @@ def load_model(
     """Load weights and tokenizer for a registry entry; never runs remote code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "resa"
-    folder, gguf_file = spec.resolve()
-    sha = model_sha256(folder, gguf_file, cache_dir)
-    if gguf_file:
-        folder = _gguf_to_safetensors(folder, gguf_file, sha, cache_dir)
+    folder, sha = model_folder(spec, cache_dir)
     dev, auto_dtype = pick_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import Cancelled
 
-class Cancelled(Exception):
-    """Raised inside an engine loop when the caller asked it to stop."""
+__all__ = ["Cancelled", "Progress", "ProgressFn", "ProgressTracker", "StopFn"]
 
 
 @dataclass

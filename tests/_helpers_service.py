@@ -7,6 +7,8 @@ own queue name and store, so modules never see each other's jobs.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,3 +110,26 @@ def upload_rows(client, rows) -> str:
 def wait_ready(client, timeout_s: float = 60.0) -> None:
     wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s, 0.2, "readyz")
 
+
+class UvicornThread:
+    """An app served by uvicorn on a loopback port, in a thread of the test process (a real HTTP server
+    that clients, browsers and disconnects can reach)."""
+
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.url, self.app = f"http://127.0.0.1:{port}", app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> "UvicornThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

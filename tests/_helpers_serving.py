@@ -52,14 +52,21 @@ def reference_model(model_dir: Path, adapter_dir: Path | None):
     return _REFERENCE[key]
 
 
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def reference_greedy(model_dir: Path, adapter_dir: Path | None, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens for one request alone: PeftModel.from_pretrained, HF's own KV cache, no EOS stop."""
     model = reference_model(model_dir, adapter_dir)
     out_ids, feed, cache = [], list(prompt), None
     with torch.inference_mode():
         for _ in range(n):
-            out = model(input_ids=torch.tensor([feed]), cache=cache, use_cache=True)
-            cache = out.cache
+            out = model(input_ids=torch.tensor([feed]), use_cache=True, **{_cache_kwarg(model): cache})
+            cache = getattr(out, "cache", None) or out.past_key_values
             feed = [int(out.logits[0, -1].argmax())]
             out_ids.append(feed[0])
     return out_ids

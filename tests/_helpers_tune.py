@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from resa_engine.data import QARow, dataset_sha256, rows_to_jsonl
-from resa_engine.skill import Skill, sae_subdir
+from resa_engine.artifacts import Skill, sae_subdir
 
 
 def make_skill(
@@ -45,7 +45,7 @@ def make_skill(
         "dataset": dataset,
     }
     store.commit("skill", (name,), folder, manifest)
-    return Skill(name, store.fetch("skill", (name,)), store.manifest("skill", (name,)))
+    return Skill(name, store.manifest("skill", (name,)), store.fetch("skill", (name,)))
 
 
 def lora_b_by_layer(adapter_dir: Path) -> dict[int, float]:

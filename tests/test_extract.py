@@ -9,15 +9,18 @@ import pytest
 import torch
 
 from adapters_store import ArtifactConflict, ArtifactNotFound
+from resa_engine.artifacts import Skill, sae_subdir
 from resa_engine.data import DatasetError, special_token_mask, split_rows
-from resa_engine.extract import ExtractConfig, extract_skill, heldout_dataset
-from resa_engine.hookpoint import run_until
-from resa_engine.models import ModelError, load_model
-from resa_engine.progress import Cancelled
-from resa_engine.skill import Skill, sae_subdir
-from resa_engine.source import AdapterMismatch, adapter_sha256, apply_source_adapter
+from resa_engine.errors import AdapterMismatch, Cancelled, ModelError
+from resa_engine.extract import ExtractConfig, extract_skill
+from resa_engine.extract.train import heldout_dataset
+from resa_engine.lora.merge import apply_source_adapter
+from resa_engine.lora.peft_io import adapter_sha256
+from resa_engine.models import load_model
+from resa_engine.sae.hooks import run_until
 
 from conftest import arithmetic_rows, write_jsonl
+from app.tasks import staging_for
 
 TINY = dict(num_latents=128, k=8, chunk_len=32, batch_size=4, max_tokens=4096, heldout_max_tokens=512, checkpoint_every=0)
 TINY_PARAMS = {"sae": {"num_latents": 128, "k": 8}, "train": {"chunk_len": 32, "batch_size": 4, "max_tokens": 2048, "heldout_max_tokens": 256}}
@@ -131,7 +134,7 @@ def test_saved_sae_loads_with_sparsify_and_reproduces_heldout_fvu(multi, tiny_ll
             recon = sae.decode(top_acts, top_idx).double()
         fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
         assert fvu == pytest.approx(result.metrics[str(layer)][key], rel=1e-4)
-    skill = Skill("multi", result.out_dir, result.manifest)
+    skill = Skill("multi", result.manifest, result.out_dir)
     assert torch.equal(skill.sae(layer).W_dec, sae.W_dec)
 
 
@@ -268,7 +271,7 @@ def _params(ctx, rows=None, **over):
 
 def _nothing_written(ctx, name="arith"):
     assert ctx.store.list("skill") == [] or all(m["key"] != [name] for m in ctx.store.list("skill"))
-    assert not (ctx.settings.cache_dir / "staging" / "skill" / name).exists()
+    assert not (ctx.staging.path("skill", name)).exists()
 
 
 def test_run_extract_commits_a_skill_with_a_stored_source_adapter(resa_env, lora_dir):
@@ -290,9 +293,9 @@ def test_run_extract_commits_a_skill_with_a_stored_source_adapter(resa_env, lora
     saes_and_cards = {f"sae/layers.{i}/{f}" for i in (1, 2) for f in ("cfg.json", "sae.safetensors", "latents.json")}
     assert saes_and_cards | {"report.json", "report.png"} == set(manifest["files"])
     folder = ctx.store.fetch("skill", ("arith",))
-    skill = Skill("arith", folder, manifest)
+    skill = Skill("arith", manifest, folder)
     assert skill.sae(2).num_latents == 128
-    assert not (resa_env.cache_dir / "staging" / "skill" / "arith").exists()
+    assert not staging_for(resa_env).path("skill", "arith").exists()
 
 
 def test_existing_name_conflicts_before_any_work(resa_env, tmp_path):
@@ -425,7 +428,8 @@ def test_extraction_writes_latent_cards_reasoning_counts_and_a_layer_report(resa
     the metrics, report.json/report.png committed with the skill and its path printed."""
     from adapters_store import ArtifactStore
     from app.cli import main
-    from resa_engine.transparency import load_cards, reasoning_features
+    from resa_engine.transparency.cards import load_cards
+    from resa_engine.transparency.reasoning import reasoning_features
 
     data = write_jsonl(tmp_path / "qa.jsonl", arithmetic_rows(120, seed=6))
     argv = ["extract", "--source", str(tiny_llama_dir), "--layer", "1", "--layer", "2", "--data", str(data), "--name", "cards",
@@ -439,7 +443,7 @@ def test_extraction_writes_latent_cards_reasoning_counts_and_a_layer_report(resa
     assert {"report.json", "report.png", "sae/layers.1/latents.json", "sae/layers.2/latents.json"} <= set(manifest["files"])
     assert manifest["train"]["cards"] is True
     model = tiny_llama  # the same weights as tiny_llama_dir
-    skill = Skill("cards", folder, manifest)
+    skill = Skill("cards", manifest, folder)
     tok = model.tokenizer
     for layer in (1, 2):
         m = manifest["metrics"][str(layer)]
@@ -462,3 +466,13 @@ def test_extraction_writes_latent_cards_reasoning_counts_and_a_layer_report(resa
     bare = store.manifest("skill", ("nocards",))
     assert not any(f.endswith("latents.json") or f.startswith("report.") for f in bare["files"])
     assert "reasoning_features" not in bare["metrics"]["1"] and bare["train"]["cards"] is False
+
+
+def test_default_chunk_len_is_2048_capped_at_the_context_and_a_longer_one_is_refused():
+    assert ExtractConfig(layers=[1]).check_model("long", 4, 8192).chunk_len == 2048
+    assert ExtractConfig(layers=[1]).check_model("short", 4, 512).chunk_len == 512
+    assert ExtractConfig(layers=[1], chunk_len=256).check_model("short", 4, 512).chunk_len == 256
+    with pytest.raises(ModelError, match="chunk_len 4096 exceeds short's context of 512 tokens"):
+        ExtractConfig(layers=[1], chunk_len=4096).check_model("short", 4, 512)
+    with pytest.raises(ModelError, match=r"layer\(s\) \[4\] out of range"):
+        ExtractConfig(layers=[4]).check_model("short", 4, 512)

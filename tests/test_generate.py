@@ -1,4 +1,5 @@
-"""Single-request generation on tiny real models: seeds, stops, usage, batching, adapters per call."""
+"""Generation through the engine on tiny real models: seeds, stops, usage, EOS, batching, adapters per
+request, each checked against the PEFT reference decode (tests/_reference.py)."""
 
 from __future__ import annotations
 
@@ -6,115 +7,120 @@ import json
 
 import pytest
 import torch
+from _helpers_serving import load_private
 from _helpers_tune import make_skill, random_adapter
+from _reference import attach_adapter, detach_adapter, generate, generate_batch
 from conftest import arithmetic_rows
 
-from resa_engine.adapter import attach_adapter, detach_adapter
-from resa_engine.generate import format_prompt, generate, generate_batch
-from resa_engine.models import load_model
+from resa_engine.engine import open_native
+from resa_engine.engine.text import format_prompt
 from resa_engine.sampling import SamplingParams
 
 PROMPT = "What is 12 + 30?"
+WAIT = 60
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def llama(registry, session_cache_dir):
-    return load_model(registry.get("tiny-llama"), device="cpu", cache_dir=session_cache_dir)
+def served(tiny_llama_dir):
+    """(engine, its LoadedModel, the adapter folders it can load by key)."""
+    model = load_private(tiny_llama_dir)
+    folders = {}
+    engine = open_native(model, folders.__getitem__).start()
+    yield engine, model, folders
+    engine.stop()
 
 
-def run(m, params: SamplingParams, prompt: str = PROMPT, adapter: str | None = None):
-    return generate(m.model, m.tokenizer, prompt=prompt, params=params, adapter=adapter)
+def run(engine, params: SamplingParams, prompt: str = PROMPT, adapter: str | None = None):
+    return engine.submit(format_prompt(engine.tokenizer, prompt=prompt), params, adapter).result(WAIT)
 
 
-def test_format_prompt_plain_and_chat(tiny_llama):
-    tok = tiny_llama.tokenizer
-    assert format_prompt(tok, prompt="hello") == tok("hello")["input_ids"]
-    ids = format_prompt(tok, messages=[{"role": "user", "content": "hi"}])
-    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    for kwargs, message in [
-        ({}, "exactly one"),
-        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
-        ({"prompt": ""}, "non-empty"),
-        ({"messages": []}, "non-empty list"),
-        ({"messages": [{"role": "user"}]}, "messages\\[0\\]"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            format_prompt(tok, **kwargs)
-
-
-def test_greedy_and_seeded_sampling_are_deterministic(tiny_llama):
+def test_greedy_and_seeded_sampling_are_deterministic(served):
+    engine, model, _ = served
     greedy = SamplingParams(max_tokens=12)
-    assert run(tiny_llama, greedy).token_ids == run(tiny_llama, greedy).token_ids
+    assert run(engine, greedy).token_ids == run(engine, greedy).token_ids
+    assert run(engine, greedy).token_ids == generate(model.model, model.tokenizer, prompt=PROMPT, params=greedy).token_ids
     sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
-    a, b = run(tiny_llama, sampled), run(tiny_llama, sampled)
+    a, b = run(engine, sampled), run(engine, sampled)
     assert a.text == b.text and a.token_ids == b.token_ids
-    others = {tuple(run(tiny_llama, SamplingParams(max_tokens=12, temperature=1.0, seed=s)).token_ids) for s in range(4)}
+    others = {tuple(run(engine, SamplingParams(max_tokens=12, temperature=1.0, seed=s)).token_ids) for s in range(4)}
     assert len(others) > 1  # the seed matters
 
 
-def test_max_tokens_ends_with_length_and_counts_usage(tiny_llama):
-    ids = format_prompt(tiny_llama.tokenizer, prompt=PROMPT)
-    out = run(tiny_llama, SamplingParams(max_tokens=9))
+def test_max_tokens_ends_with_length_and_counts_usage(served):
+    engine, model, _ = served
+    ids = format_prompt(model.tokenizer, prompt=PROMPT)
+    out = run(engine, SamplingParams(max_tokens=9))
     assert out.finish_reason == "length"
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 9 and out.usage.total_tokens == len(ids) + 9
-    assert len(out.token_ids) == 9 and out.text == tiny_llama.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert len(out.token_ids) == 9 and out.text == model.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
-def test_stop_string_cuts_the_text_and_ends_with_stop(tiny_llama):
-    full = run(tiny_llama, SamplingParams(max_tokens=30))
+def test_stop_string_cuts_the_text_and_ends_with_stop(served):
+    engine, model, _ = served
+    full = run(engine, SamplingParams(max_tokens=30))
     assert len(full.text) > 12
     stop = full.text[6:9]
     expected = full.text[: full.text.find(stop)]
-    out = run(tiny_llama, SamplingParams(max_tokens=30, stop=[stop, "never-there"]))
+    params = SamplingParams(max_tokens=30, stop=[stop, "never-there"])
+    out = run(engine, params)
     assert out.finish_reason == "stop" and out.text == expected
     assert out.usage.completion_tokens < 30 and out.token_ids == full.token_ids[: out.usage.completion_tokens]
+    assert out.text == generate(model.model, model.tokenizer, prompt=PROMPT, params=params).text  # the reference agrees
 
 
-def test_eos_ends_with_stop_and_is_counted(registry, session_cache_dir):
-    m = load_model(registry.get("tiny-llama"), device="cpu", cache_dir=session_cache_dir)
+def test_eos_ends_with_stop_and_is_counted(tiny_llama_dir):
+    m = load_private(tiny_llama_dir)
     head = torch.nn.Linear(m.hidden_size, m.config.vocab_size, bias=True)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
         head.bias[m.tokenizer.eos_token_id] = 10.0
     m.model.lm_head = head
-    out = run(m, SamplingParams(max_tokens=5))
+    engine = open_native(m).start()
+    try:
+        out = run(engine, SamplingParams(max_tokens=5))
+    finally:
+        engine.stop()
     assert out.finish_reason == "stop" and out.text == "" and out.token_ids == [] and out.usage.completion_tokens == 1
+    ref = generate(m.model, m.tokenizer, prompt=PROMPT, params=SamplingParams(max_tokens=5))
+    assert (ref.finish_reason, ref.token_ids, ref.usage.completion_tokens) == ("stop", [], 1)
 
 
-def test_batch_with_left_padding_matches_single_requests(tiny_llama):
-    tok = tiny_llama.tokenizer
+def test_a_batch_matches_single_requests_and_the_reference(served):
+    engine, model, _ = served
+    tok = model.tokenizer
     prompts = [format_prompt(tok, prompt=p) for p in ("1 + 1 =", "What is 45 * 12? Think step by step.", "7")]
     params = SamplingParams(max_tokens=10, stop=["</think>"])
-    batched = generate_batch(tiny_llama.model, tok, prompts, params)
-    for ids, out in zip(prompts, batched):
-        single = generate(tiny_llama.model, tok, input_ids=ids, params=params)
-        assert out.token_ids == single.token_ids and out.finish_reason == single.finish_reason
+    together = [h.result(WAIT) for h in [engine.submit(ids, params) for ids in prompts]]
+    reference = generate_batch(model.model, tok, prompts, params)
+    for ids, out, ref in zip(prompts, together, reference):
+        single = engine.submit(ids, params).result(WAIT)
+        assert out.token_ids == single.token_ids == ref.token_ids and out.finish_reason == single.finish_reason == ref.finish_reason
         assert out.usage.prompt_tokens == len(ids)
 
 
-def test_adapter_is_chosen_per_call(llama, tmp_path):
+def test_adapter_is_chosen_per_request(served, tiny_llama_dir, tmp_path):
+    engine, model, folders = served
     params = SamplingParams(max_tokens=10)
-    before = run(llama, params)
-    adapter_dir = random_adapter(llama, tmp_path / "adapter", scale=0.5)
-    peft_model = attach_adapter(llama, adapter_dir, "skill")
+    before = run(engine, params)
+    reference = load_private(tiny_llama_dir, name="tiny-llama")  # a second copy: the engine's weights stay untouched
+    folders["skill"] = random_adapter(reference, tmp_path / "adapter", scale=0.5)
+    base = run(engine, params)
+    skilled = run(engine, params, adapter="skill")
+    assert base.token_ids == before.token_ids  # loading an adapter changes nothing for base requests
+    assert skilled.token_ids != base.token_ids
+    assert run(engine, params, adapter="skill").token_ids == skilled.token_ids
+    attach_adapter(reference, folders["skill"], "skill")
     try:
-        assert peft_model is llama.model
-        base = run(llama, params)
-        skilled = run(llama, params, adapter="skill")
-        assert base.token_ids == before.token_ids  # attaching changes nothing for base requests
-        assert skilled.token_ids != base.token_ids
-        assert run(llama, params, adapter="skill").token_ids == skilled.token_ids
-        with pytest.raises(ValueError, match="non-existing adapter"):
-            run(llama, params, adapter="other")
+        ref = generate(reference.model, reference.tokenizer, prompt=PROMPT, params=params, adapter="skill")
     finally:
-        detach_adapter(llama, "skill")
-    assert run(llama, params).token_ids == before.token_ids
-    with pytest.raises(ValueError, match="no adapters attached"):
-        run(llama, params, adapter="skill")
+        detach_adapter(reference, "skill")
+    assert skilled.token_ids == ref.token_ids  # the gathered LoRA computes what PEFT computes
+    with pytest.raises(KeyError):
+        run(engine, params, adapter="other")  # the loader knows no such adapter: that request alone fails
 
 
 def test_cli_generate_end_to_end(resa_env, store, tmp_path, capsys):
@@ -136,7 +142,7 @@ def test_cli_generate_end_to_end(resa_env, store, tmp_path, capsys):
 
     for argv, message in [
         (["generate", "--model", "tiny-llama", "--skill", "nope", "hi"], "not found"),
-        (["generate", "--model", "tiny-qwen", "--skill", "tiny-llama:arith", "hi"], "cannot be attached to tiny-qwen"),
+        (["generate", "--model", "tiny-qwen", "--skill", "tiny-llama:arith", "hi"], "does not fit model tiny-qwen"),
         (["generate", "--model", "tiny-llama", "--max-tokens", "0", "hi"], "max_tokens"),
         (["generate", "--model", "tiny-llama", "--top-p", "0", "hi"], "top_p"),
         (["generate", "--model", "no-such", "hi"], "unknown model"),
@@ -146,17 +152,18 @@ def test_cli_generate_end_to_end(resa_env, store, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_generates_with_an_adapter_attached(smollm2, tmp_path):
+def test_smollm2_generates_with_an_adapter_per_request(smollm2, tmp_path):
     params = SamplingParams(max_tokens=6)
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    before = generate(smollm2.model, smollm2.tokenizer, messages=messages, params=params)
-    adapter_dir = random_adapter(smollm2, tmp_path / "adapter", scale=0.05)
-    attach_adapter(smollm2, adapter_dir, "skill")
+    folders = {"skill": random_adapter(smollm2, tmp_path / "adapter", scale=0.05)}
+    engine = open_native(smollm2, folders.__getitem__).start()
     try:
-        skilled = generate(smollm2.model, smollm2.tokenizer, messages=messages, params=params, adapter="skill")
-        base = generate(smollm2.model, smollm2.tokenizer, messages=messages, params=params)
+        ids = format_prompt(smollm2.tokenizer, messages=messages)
+        base = engine.submit(ids, params).result(WAIT)
+        skilled = engine.submit(ids, params, "skill").result(WAIT)
     finally:
-        detach_adapter(smollm2, "skill")
-    assert before.text.strip() and base.token_ids == before.token_ids
+        engine.stop()
+    reference = generate(smollm2.model, smollm2.tokenizer, messages=messages, params=params)
+    assert base.text.strip() and base.token_ids == reference.token_ids
     assert skilled.usage.completion_tokens <= 6 and skilled.finish_reason in ("stop", "length")
     assert skilled.token_ids != base.token_ids

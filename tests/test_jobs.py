@@ -16,6 +16,7 @@ import pytest
 
 from _helpers_jobs import SLEEP_TASK, wait_for
 from _helpers_service import start_service
+from app.tasks import staging_for
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_cancel_queued_and_running_jobs_then_resume_from_checkpoint(svc):
     assert 0 < view["progress"]["step"] < 60
     # nothing half-written is visible: the skill was never committed, its checkpoint stays in staging
     assert svc.client.get("/skills/long").status_code == 404
-    ckpt = svc.settings.cache_dir / "staging" / "skill" / "long" / "checkpoint.json"
+    ckpt = staging_for(svc.settings).path("skill", "long") / "checkpoint.json"
     stopped_at = json.loads(ckpt.read_text())["step"]
     assert stopped_at > 0
     assert svc.client.delete(f"/jobs/{parent}").status_code == 409
@@ -113,12 +114,12 @@ def test_cancel_queued_and_running_jobs_then_resume_from_checkpoint(svc):
 
 
 def test_running_job_that_ignores_its_cancel_flag_is_stopped(svc, monkeypatch):
-    import app.jobs
+    import app.jobs.queue
 
     job_id = sleep_job(svc, "stubborn", steps=300, delay_s=0.1, ignore_stop=True)
     started_with_progress(svc, job_id)
     assert svc.client.delete(f"/jobs/{job_id}").status_code == 202
-    monkeypatch.setattr(app.jobs, "CANCEL_GRACE_S", 0)  # as if the grace period had passed
+    monkeypatch.setattr(app.jobs.queue, "CANCEL_GRACE_S", 0)  # as if the grace period had passed
     assert svc.jobs().reap()["stopped"] == 1
     view = svc.wait_job(job_id)
     assert view["state"] == "canceled" and view["status"] == "stopped"

@@ -5,12 +5,13 @@ with a random PEFT LoRA adapter committed to the store as skill `quirk`."""
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
 from _helpers_jobs import wait_for
+from _helpers_sae import lens_skill_folder
+from _helpers_service import UvicornThread
 from _helpers_serving import make_lora
 from conftest import free_port
 
@@ -20,36 +21,7 @@ PROMPT = "What is 2 + 3?"
 STEER = {"skill": LENS, "edits": [{"latent": 3, "mode": "clamp", "value": 25.0}, {"latent": 40, "mode": "add", "value": 10.0}]}
 
 
-def _steering_sae(folder):
-    import torch
-    from sparsify import SparseCoder, SparseCoderConfig
 
-    from resa_engine.skill import sae_subdir
-
-    torch.manual_seed(1)
-    SparseCoder(64, SparseCoderConfig(num_latents=128, k=8)).save_to_disk(folder / sae_subdir(1))
-    return folder
-
-
-class _Server:
-    def __init__(self, app, port: int):
-        import uvicorn
-
-        self.url, self.app = f"http://127.0.0.1:{port}", app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> "_Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +52,8 @@ def server(tmp_path_factory, models_file, session_cache_dir, tiny_llama_dir):
         lora = make_lora(tiny_llama_dir, tmp / "lora", seed=7)
         store = ArtifactStore(settings.store_url, cache_dir=settings.cache_dir)
         store.commit("adapter", ("tiny-llama", SKILL), lora, {"skill": SKILL})
-        store.commit("skill", (LENS,), _steering_sae(tmp / "lens"), {"name": LENS, "layers": [1], "default_layer": 1, "d_in": 64})
-        srv = _Server(create_app(settings, load_default_model=False, supervise=False), free_port()).start()
+        store.commit("skill", (LENS,), lens_skill_folder(tmp / "lens"), {"name": LENS, "layers": [1], "default_layer": 1, "d_in": 64})
+        srv = UvicornThread(create_app(settings, load_default_model=False, supervise=False), free_port()).start()
         try:
             yield srv
         finally:
@@ -144,7 +116,7 @@ def test_steering_through_extra_body_with_compare(client):
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[1].message.content == plain.choices[0].message.content
     assert both.choices[0].message.content != plain.choices[0].message.content
-    assert both.model_extra["sae"] == {"skill": LENS, "layer": 1, "edits": 2}
+    assert both.model_extra["sae"] == {"skill": LENS, "layer": 1, "mode": "steer", "edits": 2}
     alone = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, temperature=0, extra_body={"sae": STEER})
     assert [c.message.content for c in alone.choices] == [both.choices[0].message.content]
     assert both.usage.prompt_tokens == plain.usage.prompt_tokens
@@ -232,7 +204,7 @@ def test_full_queue_is_429_with_retry_after(server):
 
 
 def test_client_disconnect_cancels_the_request(server):
-    scheduler = server.app.state.generation.batched.served("tiny-llama").scheduler
+    scheduler = server.app.state.generation.models.get("tiny-llama").engine
     before = scheduler.stats().cancelled
     long = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 480, "temperature": 1.0, "seed": 3, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=120) as res:
@@ -257,3 +229,54 @@ def test_generate_route_streams_token_deltas_from_the_scheduler(server):
     deltas = [e["text"] for e in events if not e.get("done")]
     assert len(deltas) >= 2 and "".join(deltas) == full["text"]  # token by token, same greedy text
     assert events[-1]["done"] is True and events[-1]["usage"] == full["usage"]
+
+
+def test_logprobs_echo_n_and_token_prompts_for_evaluation_harnesses(server, client, tiny_llama_dir):
+    """What lm-evaluation-harness's `local-completions` sends: token-id prompts, `echo` with `logprobs` and
+    `max_tokens: 0` to score a text (log-likelihood tasks), `n` samples, and logprobs of generated tokens;
+    every logprob equals log_softmax of the model's own logits."""
+    import torch
+
+    from _helpers_serving import reference_model
+    from resa_engine.engine.text import format_prompt
+    from resa_engine.models import ModelSpec, load_model
+
+    tok = load_model(ModelSpec(name="tiny-llama", kind="path", location=str(tiny_llama_dir)), device="cpu").tokenizer
+    ids = format_prompt(tok, prompt="What is 2 + 3? The answer is 5")
+    ref = reference_model(tiny_llama_dir, None)
+    with torch.no_grad():
+        full = torch.log_softmax(ref(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    scored = client.completions.create(model="tiny-llama", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == tok.decode(ids) and lp.token_logprobs[0] is None and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[1:] == pytest.approx([float(full[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:]) and lp.text_offset[0] == 0
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+
+    # this server queues at most 2 requests (max_queue 2): two prompts, or one prompt with n=2
+    gen = client.completions.create(model="tiny-llama", prompt=[ids, ids[:5]], max_tokens=4, logprobs=2, temperature=0)
+    assert [c.index for c in gen.choices] == [0, 1]
+    first = gen.choices[0].logprobs
+    from _helpers_serving import reference_greedy
+
+    out_ids = reference_greedy(tiny_llama_dir, None, ids, 4)  # the tokens greedy decoding gives
+    with torch.no_grad():
+        cont = torch.log_softmax(ref(input_ids=torch.tensor([ids + out_ids])).logits[0].float(), dim=-1)
+    assert first.token_logprobs == pytest.approx([float(cont[len(ids) - 1 + j, t]) for j, t in enumerate(out_ids)], abs=1e-4)
+    # top alternatives are keyed by their text (two ids may decode alike, e.g. partial UTF-8 bytes)
+    assert first.tokens == [tok.decode([t]) for t in out_ids] and all(1 <= len(top) <= 2 for top in first.top_logprobs)
+    assert gen.usage.prompt_tokens == len(ids) + 5 and gen.usage.completion_tokens == 8
+
+    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": PROMPT}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+    sampled = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3, n=2)
+    assert len({c.text for c in sampled.choices}) > 1  # sample i uses seed + i
+    again = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3, n=2)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]
+    for bad, param in (({"prompt": [999_999]}, None), ({"prompt": "x", "max_tokens": 0}, None), ({"prompt": "x", "logprobs": 50}, None)):
+        res = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-llama", **bad}, timeout=30)
+        assert res.status_code == 422, res.text

@@ -39,6 +39,7 @@ from _helpers_service import service_env, start_service
 from _helpers_tune import make_skill, random_adapter
 from conftest import arithmetic_rows
 from test_jobs import sleep_job, started_with_progress
+from app.tasks import staging_for
 
 SHUTDOWN_REASON = "worker shut down; resumable from checkpoint"
 OUTCOMES: list[Outcome] = []
@@ -66,7 +67,7 @@ def fault_table(request):
 @pytest.fixture(scope="module")
 def redis_aof(tmp_path_factory):
     """A Redis with an append-only file (as deployed) that tests stop and start: the embedded one."""
-    from app.embedded import EmbeddedRedis
+    from app.local.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("aof") / "redis").start()
     yield server
@@ -109,7 +110,7 @@ def good_adapter(tmp_path_factory, registry, session_cache_dir):
 def test_readyz_is_503_until_model_redis_and_store_are_all_there(tmp_path, models_file, session_cache_dir):
     from fastapi.testclient import TestClient
 
-    from app.embedded import EmbeddedRedis
+    from app.local.embedded import EmbeddedRedis
     from app.main import create_app
     from app.settings import Settings
 
@@ -353,7 +354,7 @@ def test_redis_restart_while_a_job_runs(svc, redis_aof):
 
 
 def test_worker_sigkilled_mid_tune_job_leaves_no_adapter_and_the_rerun_resumes(svc, tmp_path, monkeypatch):
-    import app.jobs
+    import app.jobs.queue
 
     store = svc.client.app.state.store
     make_skill(store, "rel-tune", tmp_path / "skill", d_in=64, layers=(1,), rows=arithmetic_rows(60, seed=3))
@@ -368,7 +369,7 @@ def test_worker_sigkilled_mid_tune_job_leaves_no_adapter_and_the_rerun_resumes(s
         return view["state"] == "started" and view["progress"]["step"] >= 4
 
     wait_for(past_a_checkpoint, 120, 0.1, "tuning to pass a checkpoint")
-    monkeypatch.setattr(app.jobs, "ABANDONED_AFTER_S", 5)  # notice the dead worker sooner than in production
+    monkeypatch.setattr(app.jobs.queue, "ABANDONED_AFTER_S", 5)  # notice the dead worker sooner than in production
     svc.worker.kill()
     view = svc.wait_job(job_id, timeout_s=90)
     monkeypatch.undo()
@@ -376,7 +377,7 @@ def test_worker_sigkilled_mid_tune_job_leaves_no_adapter_and_the_rerun_resumes(s
     assert not store.exists("adapter", ("tiny-llama", "rel-tune"))
     assert not (svc.root / "store" / "adapters" / "tiny-llama" / "rel-tune").exists()
     assert svc.client.get("/adapters", params={"skill": "rel-tune"}).json()["adapters"] == []
-    checkpoint = svc.settings.cache_dir / "staging" / "adapter" / "tiny-llama" / "rel-tune" / "checkpoint"
+    checkpoint = staging_for(svc.settings).path("adapter", "tiny-llama", "rel-tune") / "checkpoint"
     assert checkpoint.exists()
 
     svc.start_worker()
@@ -407,7 +408,7 @@ def test_worker_sigterm_checkpoints_requeues_and_the_next_worker_resumes(svc):
     assert view["state"] == "queued" and view["status"] == "queued", view
     meta = svc.jobs().fetch(job_id).get_meta()
     assert meta["interrupted"]["reason"] == SHUTDOWN_REASON and meta["interrupted"]["count"] == 1
-    ckpt = svc.settings.cache_dir / "staging" / "skill" / "rel-term" / "checkpoint.json"
+    ckpt = staging_for(svc.settings).path("skill", "rel-term") / "checkpoint.json"
     stopped_at = json.loads(ckpt.read_text())["step"]
     assert 0 < stopped_at < 60
     assert svc.client.get("/skills/rel-term").status_code == 404
@@ -457,17 +458,25 @@ def test_worker_kills_a_job_that_ignores_the_stop_after_the_drain_timeout(svc):
 
 def test_serve_sigterm_drains_a_generation_checkpoints_the_job_and_stops_in_order(tmp_path, models_file):
     from app.jobs import JobQueue
+    from app.local.embedded import data_dir_for
     from app.settings import Settings
 
     env = base_env(
         RESA_STORE_URL=f"file://{tmp_path / 'store'}", RESA_CACHE_DIR=str(tmp_path / "cache"),
         RESA_MODELS_FILE=str(models_file), RESA_DEFAULT_MODEL="tiny-llama", RESA_DRAIN_TIMEOUT_S="60",
     )  # fmt: skip
+
+    def queue_of(server: ServeProcess) -> JobQueue:
+        """The job queue on a server's own embedded Redis (per address: a unix socket in its data dir, or a
+        loopback port when that path is too long), read from its log."""
+        data_dir = str(data_dir_for(tmp_path / "cache", "127.0.0.1", server.port))
+        urls = [e["msg"].split()[3] for e in json_lines(server.log_path) if e["msg"].startswith("embedded Redis at ") and data_dir in e["msg"]]
+        return JobQueue.from_url(urls[-1], Settings(redis_url=urls[-1], queues="resa", store_url=env["RESA_STORE_URL"]))
+
     serve = ServeProcess(env, tmp_path / "serve-1.log").start()
     try:
         serve.wait_ready(180)
-        url = f"unix://{tmp_path / 'cache' / 'redis' / 'redis.sock'}"
-        jobs = JobQueue.from_url(url, Settings(redis_url=url, queues="resa", store_url=env["RESA_STORE_URL"]))
+        jobs = queue_of(serve)
         job = jobs.enqueue("extract", {"name": "rel-serve", "steps": 100, "delay_s": 0.1}, task=SLEEP_TASK, meta={"skill": "rel-serve"})
         wait_for(lambda: jobs.view(job.id)["progress"]["step"] > 0, 60, 0.1, "the job to report progress")
         children = serve.children()
@@ -491,9 +500,10 @@ def test_serve_sigterm_drains_a_generation_checkpoints_the_job_and_stops_in_orde
     assert any("Shutting down" in e["msg"] for e in log)
 
     # next start: the embedded worker resumes the job from its checkpoint
-    again = ServeProcess({**env, "RESA_DEFAULT_MODEL": ""}, tmp_path / "serve-2.log").start()
+    again = ServeProcess({**env, "RESA_DEFAULT_MODEL": ""}, tmp_path / "serve-2.log", port=serve.port).start()  # same address, same Redis data
     try:
         again.wait_live(120)
+        jobs = queue_of(again)  # the same Redis data, behind a new socket
         meta = jobs.fetch(job.id).get_meta()
         assert meta["interrupted"]["reason"] == SHUTDOWN_REASON, meta
         done = wait_for(lambda: (v := jobs.view(job.id))["state"] in ("finished", "failed") and v, 120, 0.2, "the resumed job")

@@ -8,17 +8,12 @@ import pytest
 import torch
 
 from _helpers_serving import load_private, make_lora, reference_greedy
-from resa_engine.adapter_cache import AdapterCache
+from resa_engine.engine import Delta
+from resa_engine.engine.native import Scheduler
+from resa_engine.engine.text import IncrementalDetokenizer, TextAssembler
+from resa_engine.errors import EngineStopped, QueueFull, RequestCancelled
+from resa_engine.lora.cache import AdapterCache
 from resa_engine.sampling import Completion, SamplingParams
-from resa_engine.serving import (
-    Delta,
-    EngineStopped,
-    IncrementalDetokenizer,
-    QueueFull,
-    RequestCancelled,
-    Scheduler,
-    TextAssembler,
-)
 
 WAIT = 60  # seconds; generous upper bounds on waits, never asserted as timings
 
@@ -104,8 +99,9 @@ def test_steered_and_plain_rows_share_a_batch(served, make_scheduler, tiny_llama
     from sparsify import SparseCoder, SparseCoderConfig
 
     from _helpers_serving import reference_model
-    from resa_engine.hookpoint import splice_sae
-    from resa_engine.transparency import LatentEdit, Steering, make_edit_fn
+    from _reference import reference_splice_hook
+    from resa_engine.sae.edits import LatentEdit
+    from resa_engine.sae.splice import SaeSplice
 
     model, _ = served
     layer, n = 1, 8
@@ -115,10 +111,10 @@ def test_steered_and_plain_rows_share_a_batch(served, make_scheduler, tiny_llama
     prompt = prompt_ids(model, "Steering test prompt:")
     sched = make_scheduler(start=False)
     handles = {
-        "steered": sched.submit(prompt, greedy(n), steer=Steering(sae, layer, edits), ignore_eos=True),
+        "steered": sched.submit(prompt, greedy(n), sae=SaeSplice(sae, layer, edits), ignore_eos=True),
         "plain": sched.submit(prompt, greedy(n), ignore_eos=True),
-        "empty": sched.submit(prompt, greedy(n), steer=Steering(sae, layer, []), ignore_eos=True),
-        "adapter": sched.submit(prompt, greedy(n), adapter="a", steer=Steering(sae, layer, edits), ignore_eos=True),
+        "empty": sched.submit(prompt, greedy(n), sae=SaeSplice(sae, layer, []), ignore_eos=True),
+        "adapter": sched.submit(prompt, greedy(n), adapter="a", sae=SaeSplice(sae, layer, edits), ignore_eos=True),
     }
     sched.start()
     got = {name: h.result(WAIT).token_ids for name, h in handles.items()}
@@ -129,7 +125,7 @@ def test_steered_and_plain_rows_share_a_batch(served, make_scheduler, tiny_llama
     for name, adapter_dir in (("steered", None), ("adapter", adapter_dirs["a"])):
         ref = reference_model(tiny_llama_dir, adapter_dir)
         layers = ref.get_base_model().model.layers if adapter_dir else ref.model.layers
-        with splice_sae(layers, layer, sae, edit=make_edit_fn(edits), keep_error=True):
+        with reference_splice_hook(layers, layer, sae, edits, keep_error=True):
             assert got[name] == reference_greedy(tiny_llama_dir, adapter_dir, prompt, n), name
     assert got["steered"] != plain  # the edit is strong enough to change greedy tokens
 
@@ -427,3 +423,154 @@ def test_smollm2_mixed_batch_matches_peft_alone(tmp_path, smollm2):
     with torch.inference_mode():
         expected = [reference_greedy(model_dir, adapters[a] if a else None, prompt_ids(model, p), 8) for p, a in jobs]
     assert got == expected
+
+
+def test_splice_mode_rows_replace_the_residual_alone_and_with_an_adapter_in_a_mixed_batch(served, make_scheduler, tiny_llama_dir, adapter_dirs):
+    """Splice mode (the Stage II student at inference): the row's block output is replaced by the SAE
+    reconstruction (no error term), alone and together with an adapter, beside plain and steered rows."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from _helpers_serving import reference_model
+    from _reference import reference_splice_hook
+    from resa_engine.sae.edits import LatentEdit
+    from resa_engine.sae.splice import SaeSplice
+
+    model, _ = served
+    layer, n = 2, 8
+    torch.manual_seed(3)
+    sae = SparseCoder(model.hidden_size, SparseCoderConfig(num_latents=128, k=8)).eval().requires_grad_(False)
+    prompt = prompt_ids(model, "Splice test prompt:")
+    edits = [LatentEdit(5, "clamp", 12.0)]
+    sched = make_scheduler(start=False)
+    handles = {
+        "splice": sched.submit(prompt, greedy(n), sae=SaeSplice(sae, layer, keep_error=False), ignore_eos=True),
+        "splice+adapter": sched.submit(prompt, greedy(n), adapter="a", sae=SaeSplice(sae, layer, keep_error=False), ignore_eos=True),
+        "splice+edit": sched.submit(prompt, greedy(n), sae=SaeSplice(sae, layer, edits, keep_error=False), ignore_eos=True),
+        "plain": sched.submit(prompt, greedy(n), ignore_eos=True),
+        "adapter": sched.submit(prompt, greedy(n), adapter="a", ignore_eos=True),
+    }
+    sched.start()
+    got = {name: h.result(WAIT).token_ids for name, h in handles.items()}
+    assert sched.stats().steps <= n + 1  # one batch
+
+    assert got["plain"] == reference_greedy(tiny_llama_dir, None, prompt, n)
+    assert got["adapter"] == reference_greedy(tiny_llama_dir, adapter_dirs["a"], prompt, n)
+    for name, adapter_dir, row_edits in (("splice", None, []), ("splice+adapter", adapter_dirs["a"], []), ("splice+edit", None, edits)):
+        ref = reference_model(tiny_llama_dir, adapter_dir)
+        layers = ref.get_base_model().model.layers if adapter_dir else ref.model.layers
+        with reference_splice_hook(layers, layer, sae, row_edits, keep_error=False):
+            assert got[name] == reference_greedy(tiny_llama_dir, adapter_dir, prompt, n), name
+    assert got["splice"] != got["plain"]  # the reconstruction is lossy: the splice is live
+
+
+def test_splice_mode_logits_equal_a_direct_hook_on_the_block_output(served):
+    """The engine's splice row computes the logits of the model with block i's output replaced by
+    decode(encode(h)), measured against a hook that does exactly that, in the same forward."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from resa_engine.sae.hooks import replace_block_output
+    from resa_engine.sae.splice import SaeSplice
+
+    model, _ = served
+    torch.manual_seed(4)
+    sae = SparseCoder(model.hidden_size, SparseCoderConfig(num_latents=128, k=8)).eval().requires_grad_(False)
+    ids = torch.tensor([prompt_ids(model, "What is 9 + 10?")])
+
+    def direct(h):
+        top_acts, top_indices, _ = sae.encode(h.reshape(-1, h.shape[-1]))
+        return sae.decode(top_acts, top_indices).view(h.shape)
+
+    with torch.no_grad():
+        with replace_block_output(model.layers, 1, direct):
+            expected = model.model(input_ids=ids).logits
+        with replace_block_output(model.layers, 1, SaeSplice(sae, 1, keep_error=False).apply):
+            got = model.model(input_ids=ids).logits
+        clean = model.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, clean, atol=1e-3)
+
+
+def test_a_row_whose_own_values_overflow_fails_alone(served, make_scheduler, tiny_llama_dir):
+    """An SAE edit that overflows in the forward (here: a decoder row scaled to 1e38) fails its own
+    request with NumericalError; the rows beside it, in the same prefill and the same decode steps,
+    finish with exactly their lone tokens."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from resa_engine.errors import NumericalError
+    from resa_engine.sae.edits import LatentEdit
+    from resa_engine.sae.splice import SaeSplice
+
+    model, _ = served
+    torch.manual_seed(5)
+    sae = SparseCoder(model.hidden_size, SparseCoderConfig(num_latents=128, k=8)).eval().requires_grad_(False)
+    with torch.no_grad():
+        sae.W_dec[7] *= 1e38
+    prompt, n = prompt_ids(model, "Overflow beside innocents"), 10
+    sched = make_scheduler(start=False)
+    bad = sched.submit(prompt, greedy(n), sae=SaeSplice(sae, 1, [LatentEdit(7, "clamp", 1e4)]), ignore_eos=True)
+    good = [sched.submit(prompt, greedy(n), ignore_eos=True), sched.submit(prompt, greedy(n), adapter="a", ignore_eos=True)]
+    sched.start()
+    with pytest.raises(NumericalError, match="overflowed"):
+        bad.result(WAIT)
+    assert good[0].result(WAIT).token_ids == reference_greedy(tiny_llama_dir, None, prompt, n)
+    assert sched.stats().failed == 1
+
+
+def test_a_row_that_breaks_the_joint_prefill_is_retried_alone_and_fails_alone(served, make_scheduler, tiny_llama_dir):
+    """A row whose own intervention raises inside the forward makes the joint prefill fail; the engine
+    prefills the joiners one by one, so only that row fails and the others start as if it never came."""
+
+    class Broken:
+        layer, is_identity = 1, False
+
+        def apply(self, x):
+            raise RuntimeError("this request's SAE cannot run")
+
+    model, _ = served
+    prompt, n = prompt_ids(model, "Prefill isolation"), 6
+    sched = make_scheduler(start=False)
+    bad = sched.submit(prompt, greedy(n), sae=Broken(), ignore_eos=True)
+    good = sched.submit(prompt, greedy(n), ignore_eos=True)
+    sched.start()
+    with pytest.raises(Exception, match="cannot run"):
+        bad.result(WAIT)
+    assert good.result(WAIT).token_ids == reference_greedy(tiny_llama_dir, None, prompt, n)
+
+
+def test_logprobs_and_prompt_logprobs_equal_a_direct_transformers_computation(served, make_scheduler, tiny_llama_dir):
+    """Each generated token's logprob (and its top alternatives) and each prompt token's logprob are the
+    log_softmax of the model's own logits, as one plain forward over prompt + completion gives them."""
+    from _helpers_serving import reference_model
+
+    model, _ = served
+    prompt = prompt_ids(model, "What is 3 + 4? Answer:")
+    sched = make_scheduler()
+    both = sched.submit(prompt, SamplingParams(max_tokens=6, logprobs=3, prompt_logprobs=2), ignore_eos=True)
+    plain = sched.submit(prompt, greedy(6), ignore_eos=True)  # a row without logprobs in the same batch
+    scored_only = sched.submit(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    out, other, scored = both.result(WAIT), plain.result(WAIT), scored_only.result(WAIT)
+    assert out.token_ids == other.token_ids and other.logprobs is None and other.prompt_logprobs is None
+
+    ref = reference_model(tiny_llama_dir, None)
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(ref(input_ids=ids).logits[0].float(), dim=-1)
+    assert len(out.logprobs) == 6 and out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for j, tl in enumerate(out.logprobs):
+        row = logprobs[len(prompt) - 1 + j]
+        assert tl.token_id == out.token_ids[j] and tl.logprob == pytest.approx(float(row[tl.token_id]), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [t for t, _ in tl.top] == top.indices.tolist() and tl.top[0][1] == pytest.approx(float(top.values[0]), abs=1e-4)
+    for j in range(1, len(prompt)):
+        tl = out.prompt_logprobs[j]
+        assert tl.token_id == prompt[j] and tl.logprob == pytest.approx(float(logprobs[j - 1, prompt[j]]), abs=1e-4) and len(tl.top) == 2
+    assert scored.token_ids == [] and scored.usage.completion_tokens == 0 and scored.text == ""
+    assert [t.logprob for t in scored.prompt_logprobs[1:]] == pytest.approx([t.logprob for t in out.prompt_logprobs[1:]], abs=1e-5)
+
+
+def test_streamed_deltas_carry_their_tokens_logprobs(served, make_scheduler):
+    model, _ = served
+    sched = make_scheduler()
+    deltas, done = collect(sched.submit(prompt_ids(model, "Stream logprobs"), SamplingParams(max_tokens=8, logprobs=1), ignore_eos=True))
+    streamed = [tl for d in deltas for tl in (d.logprobs or [])]
+    assert [tl.token_id for tl in streamed] == done.token_ids and streamed == done.logprobs

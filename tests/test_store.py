@@ -145,6 +145,14 @@ def test_staging_is_deterministic(tmp_path):
     assert not a.exists()
 
 
+def test_staging_is_per_store_so_services_sharing_a_cache_never_share_checkpoints(tmp_path, monkeypatch):
+    one, two = Staging(tmp_path, f"file://{tmp_path / 'one'}"), Staging(tmp_path, "s3://bucket/two")
+    assert one.folder("skill", "arith") != two.folder("skill", "arith")
+    assert one.path("skill", "arith").parent.parent.parent == tmp_path / "staging"
+    monkeypatch.chdir(tmp_path)  # a relative file URL is the same store as its absolute form
+    assert Staging(tmp_path, "file://one").path("skill", "arith") == one.path("skill", "arith")
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     from conftest import free_port

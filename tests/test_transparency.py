@@ -1,4 +1,4 @@
-"""Transparency: per-token latents, latent cards, reasoning features, layer report, steering edits."""
+"""Transparency: per-token latents, latent cards, reasoning features, layer report."""
 
 from __future__ import annotations
 
@@ -8,25 +8,13 @@ import re
 import pytest
 import torch
 
+from _helpers_sae import block_code, prompt_tensor, seeded_sae
 from resa_engine.data import SYSTEM_PROMPT, TriggerDataset, special_token_mask
-from resa_engine.hookpoint import capture_residual, run_until, splice_sae
-from resa_engine.transparency import (
-    THINK_TAGS,
-    LatentCards,
-    LatentEdit,
-    Steering,
-    find_reasoning_latents,
-    inspect_prompt,
-    latent_cards,
-    layer_report,
-    load_cards,
-    make_edit_fn,
-    reasoning_features,
-    render_report_png,
-    render_report_svg,
-    save_cards,
-    think_mask_from_offsets,
-)
+from resa_engine.transparency.cards import LatentCards, latent_cards, load_cards, save_cards
+from resa_engine.transparency.inspect import inspect_prompt
+from resa_engine.transparency.reasoning import THINK_TAGS, find_reasoning_latents, reasoning_features, think_mask_from_offsets
+from resa_engine.transparency.report import layer_report, render_report_png, render_report_svg
+
 
 LAYER = 1
 PROMPT = "What is 12 + 30?"
@@ -34,145 +22,12 @@ PROMPT = "What is 12 + 30?"
 
 @pytest.fixture(scope="module")
 def sae():
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    torch.manual_seed(0)
-    coder = SparseCoder(64, SparseCoderConfig(num_latents=128, k=8))
-    coder.requires_grad_(False)
-    return coder.eval()
+    return seeded_sae()
 
 
 @pytest.fixture(scope="module")
 def chunks(tiny_llama, qa_rows):
     return TriggerDataset.from_rows(qa_rows[:12], tiny_llama.tokenizer, chunk_len=64).chunks
-
-
-def _ids(model, text):
-    return torch.tensor([model.tokenizer(text, add_special_tokens=False)["input_ids"]])
-
-
-def _code(model, sae, ids, layer=LAYER):
-    """Block output and its SAE top-k code, as the splice sees them."""
-    h = run_until(model.model, ids, model.layers, [layer])[layer]
-    acts, indices, _ = sae.encode(h)
-    return h, acts, indices
-
-
-# ---------------------------------------------------------------- steering edits
-
-
-def test_no_edit_splice_reproduces_clean_logits(tiny_llama, sae):
-    ids = _ids(tiny_llama, PROMPT)
-    with torch.no_grad():
-        clean = tiny_llama.model(input_ids=ids).logits
-        with splice_sae(tiny_llama.layers, LAYER, sae, edit=make_edit_fn([]), keep_error=True):
-            spliced = tiny_llama.model(input_ids=ids).logits
-        with splice_sae(tiny_llama.layers, LAYER, sae):
-            lossy = tiny_llama.model(input_ids=ids).logits
-    torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(lossy, clean, atol=1e-3)  # the splice is live: without the error term it changes logits
-
-
-def _spliced_block_output(model, sae, ids, edits):
-    """Block output after the splice hook: capture registered second, so it sees the edited output."""
-    with torch.no_grad(), splice_sae(model.layers, LAYER, sae, edit=make_edit_fn(edits, num_latents=128), keep_error=True):
-        with capture_residual(model.layers, [LAYER]) as cap:
-            model.model(input_ids=ids)
-    return cap[LAYER]
-
-
-def test_clamp_moves_block_output_along_the_latent_decoder_row(tiny_llama, sae):
-    """Measured effect of a clamp: with keep_error the block output moves by exactly
-    (value - a) * W_dec[latent], where a is the latent's own activation (0 where absent). This is
-    what steering means on the decoder side and holds for any SAE; re-encoding the edited output is
-    not a reliable check (the encoder is not the decoder's inverse, least of all for an untrained SAE).
-    """
-    ids = _ids(tiny_llama, PROMPT)
-    with torch.no_grad():
-        h, acts, indices = _code(tiny_llama, sae, ids)
-    present = indices[0, 0, 0].item()  # active at token 0
-    absent = next(i for i in range(128) if not (indices[0] == i).any())  # active nowhere in the prompt
-    for latent in (present, absent):
-        own = torch.where(indices == latent, acts, torch.zeros_like(acts)).sum(-1)  # [1, T]
-        out = _spliced_block_output(tiny_llama, sae, ids, [LatentEdit(latent, "clamp", 5.0)])
-        expected = h + (5.0 - own)[..., None] * sae.W_dec[latent]
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_clamp_sets_the_code_activation(sae):
-    x = torch.randn(6, 64)
-    acts, indices, _ = sae.encode(x)
-    latent = indices[0, 0].item()
-    new_acts, new_indices = make_edit_fn([LatentEdit(latent, "clamp", 3.5)])(acts, indices)
-    assert new_indices.shape == (6, 9) and new_acts.shape == (6, 9)
-    per_token = torch.where(new_indices == latent, new_acts, torch.zeros_like(new_acts)).sum(-1)
-    torch.testing.assert_close(per_token, torch.full((6,), 3.5))  # present or appended, the latent holds exactly 3.5
-
-
-def test_add_and_scale(sae):
-    x = torch.randn(10, 64)
-    acts, indices, _ = sae.encode(x)
-    base = sae.decode(acts, indices)
-    latent = indices[0, 0].item()
-    own = torch.where(indices == latent, acts, torch.zeros_like(acts)).sum(-1)
-    assert (own == 0).any() and (own > 0).any(), "need tokens with and without the latent"
-
-    added = sae.decode(*make_edit_fn([LatentEdit(latent, "add", 2.0)])(acts, indices))
-    torch.testing.assert_close(added - base, 2.0 * sae.W_dec[latent].expand(10, 64), rtol=1e-4, atol=1e-5)
-
-    s_acts, s_indices = make_edit_fn([LatentEdit(latent, "scale", 3.0)])(acts, indices)
-    assert s_indices.shape == indices.shape  # absent stays absent: no column appended
-    scaled = sae.decode(s_acts, s_indices)
-    torch.testing.assert_close(scaled - base, (2.0 * own)[:, None] * sae.W_dec[latent], rtol=1e-4, atol=1e-5)
-
-    off = sae.decode(*make_edit_fn([LatentEdit(latent, "scale", 0.0)])(acts, indices))
-    torch.testing.assert_close(off - base, -own[:, None] * sae.W_dec[latent], rtol=1e-4, atol=1e-5)
-
-
-def test_edits_compose_over_several_latents(sae):
-    x = torch.randn(4, 64)
-    acts, indices, _ = sae.encode(x)
-    base = sae.decode(acts, indices)
-    edits = [LatentEdit(3, "add", 1.0), LatentEdit(7, "add", -0.5)]
-    out = sae.decode(*make_edit_fn(edits)(acts, indices))
-    torch.testing.assert_close(out - base, (sae.W_dec[3] - 0.5 * sae.W_dec[7]).expand(4, 64), rtol=1e-4, atol=1e-5)
-
-
-def test_steering_equals_the_spliced_edit_with_error_term(tiny_llama, sae):
-    """The scheduler's Steering (decoder-row deltas) computes exactly the splice with keep_error."""
-    ids = _ids(tiny_llama, PROMPT)
-    with torch.no_grad():
-        h, _, indices = _code(tiny_llama, sae, ids)
-    present = indices[0, 0, 0].item()
-    edits = [LatentEdit(present, "clamp", 4.0), LatentEdit(11, "add", -1.5), LatentEdit(indices[0, 1, 0].item(), "scale", 0.25)]
-    expected = _spliced_block_output(tiny_llama, sae, ids, edits)
-    steered = Steering(sae, LAYER, edits).apply(h)
-    assert steered.shape == h.shape and steered.dtype == h.dtype
-    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(steered, h, atol=1e-3)
-    assert Steering(sae, LAYER, []).apply(h) is h  # no edits: the residual is untouched
-
-
-def test_steering_refuses_bad_edits(sae):
-    with pytest.raises(ValueError, match="out of range"):
-        Steering(sae, LAYER, [LatentEdit(500, "add", 1.0)])
-    with pytest.raises(ValueError, match="more than once"):
-        Steering(sae, LAYER, [LatentEdit(5, "add", 1.0), LatentEdit(5, "scale", 2.0)])
-
-
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda: LatentEdit(1, "boost", 1.0), "unknown edit mode"),
-        (lambda: LatentEdit(-1, "clamp", 1.0), "non-negative"),
-        (lambda: LatentEdit(1, "add", float("nan")), "finite"),
-        (lambda: make_edit_fn([LatentEdit(128, "clamp", 1.0)], num_latents=128), "out of range"),
-        (lambda: make_edit_fn([LatentEdit(5, "clamp", 1.0), LatentEdit(5, "add", 1.0)]), "more than once"),
-    ],
-)
-def test_bad_edits_are_refused(make, message):
-    with pytest.raises(ValueError, match=message):
-        make()
 
 
 # ---------------------------------------------------------------- reasoning features
@@ -225,7 +80,7 @@ def test_reasoning_features_on_a_tiny_model(tiny_llama, sae):
     assert "".join(rf.tokens[p] for p in rf.think_positions).count("think") == 4
 
     # Every reported latent satisfies the definition, recomputed from the raw code.
-    _, acts, indices = _code(tiny_llama, sae, torch.tensor([enc["input_ids"]]))
+    _, acts, indices = block_code(tiny_llama, sae, torch.tensor([enc["input_ids"]]), LAYER)
     think = torch.zeros(len(spans), dtype=torch.bool)
     think[rf.think_positions] = True
     dense = torch.zeros(len(spans), 128, dtype=torch.bool)
@@ -247,11 +102,11 @@ def test_reasoning_features_needs_a_tag(tiny_llama, sae):
 
 def test_inspect_prompt_gives_k_sorted_latents_per_token(tiny_llama, sae):
     tokens = inspect_prompt(tiny_llama, sae, LAYER, PROMPT, top_n=20)
-    ids = _ids(tiny_llama, PROMPT)
+    ids = prompt_tensor(tiny_llama, PROMPT)
     assert [t.token_id for t in tokens] == ids[0].tolist()
     assert [t.position for t in tokens] == list(range(ids.shape[1]))
     assert "".join(t.token for t in tokens) == PROMPT
-    _, acts, indices = _code(tiny_llama, sae, ids)
+    _, acts, indices = block_code(tiny_llama, sae, ids, LAYER)
     for t in tokens:
         assert len(t.latents) == int((acts[0, t.position] > 0).sum()) == 8  # top_n > k: all k active latents
         values = [a for _, a in t.latents]
@@ -285,7 +140,7 @@ def cards(tiny_llama, sae, chunks):
 def test_latent_cards_point_at_real_contexts(tiny_llama, sae, chunks, cards):
     tok = tiny_llama.tokenizer
     with torch.no_grad():
-        _, acts, indices = _code(tiny_llama, sae, chunks)
+        _, acts, indices = block_code(tiny_llama, sae, chunks, LAYER)
     counted = ~special_token_mask(chunks, tok)
     dense = torch.zeros(*chunks.shape, 128)
     dense.scatter_(2, indices, acts)  # [n, L, latents], 0 where not in the top-k

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from resa_engine.data import TriggerDataset
-from resa_engine.skill import sae_subdir
-from resa_engine.transparency import _encode_layer, inspect_prompt, latent_cards, save_cards
+from _helpers_sae import seeded_sae
+from resa_engine.artifacts import sae_subdir
+from resa_engine.transparency.cards import latent_cards, save_cards
+from resa_engine.transparency.inspect import encode_layer, inspect_prompt
 
 LAYERS = (1, 2)
 NUM_LATENTS, K = 128, 8
@@ -26,12 +27,7 @@ METRICS = {
 
 
 def _sae(seed: int):
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    torch.manual_seed(seed)
-    coder = SparseCoder(64, SparseCoderConfig(num_latents=NUM_LATENTS, k=K))
-    coder.requires_grad_(False)
-    return coder.eval()
+    return seeded_sae(num_latents=NUM_LATENTS, k=K, seed=seed)
 
 
 def _manifest(name: str) -> dict:
@@ -127,7 +123,7 @@ def test_latent_card_contexts_are_real_firings(api, tiny_llama, saes, corpus):
             break
     assert live is not None and live["layer"] == 2 and live["num_latents"] == NUM_LATENTS
     assert 0 < live["density"] <= 1 and live["mean_activation"] > 0 and live["num_tokens"] > 0
-    acts, indices = _encode_layer(tiny_llama, saes[2], 2, corpus[[c["chunk"] for c in live["contexts"]]])
+    acts, indices = encode_layer(tiny_llama, saes[2], 2, corpus[[c["chunk"] for c in live["contexts"]]])
     for row, ctx in enumerate(live["contexts"]):
         assert corpus[ctx["chunk"], ctx["position"]].item() == ctx["token_id"]
         assert ctx["token"] == tiny_llama.tokenizer.decode([ctx["token_id"]])
@@ -194,21 +190,20 @@ def test_generate_with_sae_edits_and_compare(api, tiny_llama, saes):
     plain = _gen(api)
     empty = _gen(api, sae={"skill": "arith", "edits": []}, compare=True)
     assert empty["text"] == empty["unsteered"]["text"] == plain["text"]  # no edits: output unchanged
-    assert empty["sae"] == {"skill": "arith", "layer": 1, "edits": 0}
+    assert empty["sae"] == {"skill": "arith", "layer": 1, "mode": "steer", "edits": 0}
 
     steered = _gen(api, sae=STEER, compare=True)
     assert steered["unsteered"]["text"] == plain["text"]
     assert steered["text"] != plain["text"]
-    assert steered["sae"] == {"skill": "arith", "layer": 1, "edits": 2}
+    assert steered["sae"] == {"skill": "arith", "layer": 1, "mode": "steer", "edits": 2}
     assert steered["usage"]["completion_tokens"] >= 1 and steered["unsteered"]["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
     # the same tokens as the engine's reference splice (encode -> edit -> decode + error) on a separate copy
-    from resa_engine.generate import generate
-    from resa_engine.hookpoint import splice_sae
+    from _reference import generate, reference_splice_hook
+    from resa_engine.sae.edits import LatentEdit
     from resa_engine.sampling import SamplingParams
-    from resa_engine.transparency import LatentEdit, make_edit_fn
 
     edits = [LatentEdit(e["latent"], e["mode"], e["value"]) for e in STEER["edits"]]
-    with splice_sae(tiny_llama.layers, 1, saes[1], edit=make_edit_fn(edits), keep_error=True):
+    with reference_splice_hook(tiny_llama.layers, 1, saes[1], edits, keep_error=True):
         ref = generate(tiny_llama.model, tiny_llama.tokenizer, prompt=PROMPT, params=SamplingParams(max_tokens=8, temperature=0.0))
     assert steered["text"] == ref.text
     alone = _gen(api, sae=STEER)
@@ -246,3 +241,30 @@ def test_steering_errors(api, sae, extra, status, kind):
     res = api.post("/generate", json=body)
     assert res.status_code == status, res.text
     assert res.json()["error"]["type"] == kind
+
+
+def test_latent_listing_sorts_searches_pages_and_marks_reasoning_features(api, tiny_llama, saes, corpus):
+    res = api.get("/skills/arith/latents", params={"layer": 1, "limit": 500})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    densities = [lat["density"] for lat in body["latents"]]
+    assert densities == sorted(densities, reverse=True) and body["total"] == body["live"] == len(densities) > 0
+    assert sum(body["density_histogram"]["counts"]) == body["live"] and body["density_histogram"]["dead"] == NUM_LATENTS - body["live"]
+    marked = {lat["index"] for lat in body["latents"] if lat["reasoning"]}
+    assert marked == {4, 9, 17} & {lat["index"] for lat in body["latents"]}
+    card = api.get("/skills/arith/latents/4", params={"layer": 1}).json()
+    assert card["reasoning"] is True
+
+    by_index = api.get("/skills/arith/latents", params={"layer": 1, "sort": "index", "order": "asc", "offset": 2, "limit": 3}).json()
+    everything = sorted(lat["index"] for lat in body["latents"])
+    assert [lat["index"] for lat in by_index["latents"]] == everything[2:5]
+
+    first = body["latents"][0]
+    word = first["top_tokens"][0].strip() or first["top_tokens"][0]
+    found = api.get("/skills/arith/latents", params={"layer": 1, "q": word.upper(), "limit": 500}).json()
+    assert first["index"] in {lat["index"] for lat in found["latents"]} and 0 < found["total"] <= body["total"]
+    for index in (lat["index"] for lat in found["latents"][:5]):
+        contexts = api.get(f"/skills/arith/latents/{index}", params={"layer": 1}).json()["contexts"]
+        assert any(word.casefold() in c["text"].replace("«", "").replace("»", "").casefold() for c in contexts)
+    assert api.get("/skills/bare/latents").status_code == 404
+    assert api.get("/skills/arith/latents", params={"layer": 3}).status_code == 422

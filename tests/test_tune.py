@@ -12,10 +12,11 @@ import torch
 from _helpers_tune import lora_b_by_layer, make_skill
 from conftest import arithmetic_rows, write_jsonl
 
-from resa_engine.adapter import AdapterError, attach_adapter, check_adapter_compat, detach_adapter
-from resa_engine.models import ModelError, load_model
-from resa_engine.progress import Cancelled
+from resa_engine.errors import AdapterMismatch, Cancelled, ModelError
+from resa_engine.lora.peft_io import PeftAdapter, check_compat
+from resa_engine.models import load_model
 from resa_engine.tune import DEFAULT_TARGET_MODULES, LoraSettings, SpliceObjective, TuneConfig, add_lora, remove_lora, tune_adapter
+from app.tasks import staging_for
 
 ROWS = arithmetic_rows(40, seed=3)
 FAST = dict(lr=1e-4, chunk_len=64)
@@ -145,45 +146,38 @@ def test_prefix_reuse_computes_the_same_loss_and_gradients_as_the_hook_splice(ll
         remove_lora(llama, peft_model)
 
 
-def test_plain_peft_load_gives_the_same_logits_as_engine_attach(faithful, registry, session_cache_dir):
-    from peft import PeftModel
+def test_plain_peft_load_gives_the_same_tokens_as_the_engine(faithful, tiny_llama_dir):
+    from _helpers_serving import load_private, reference_greedy
+    from resa_engine.engine import open_native
+    from resa_engine.sampling import SamplingParams
 
     result, *_ = faithful
-    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
-    engine = load_model(registry.get("tiny-llama"), device="cpu", cache_dir=session_cache_dir)
-    with torch.no_grad():
-        base_logits = engine.model(x).logits
-    peft_engine = attach_adapter(engine, result.out_dir, "skill")
-    plain = PeftModel.from_pretrained(load_model(registry.get("tiny-llama"), device="cpu", cache_dir=session_cache_dir).model, str(result.out_dir))
-    plain.eval()
-    with torch.no_grad():
-        ours = peft_engine(input_ids=x, adapter_names=["skill"]).logits
-        theirs = plain(input_ids=x).logits
-        off = peft_engine(input_ids=x, adapter_names=["__base__"]).logits
-    assert torch.allclose(ours, theirs, atol=1e-6)
-    assert (ours - base_logits).abs().max() > 1e-5  # the adapter does something
-    assert torch.allclose(off, base_logits, atol=1e-6)  # and attaching it changes nothing for base requests
-    detach_adapter(engine, "skill")
-    with torch.no_grad():
-        assert torch.allclose(engine.model(x).logits, base_logits, atol=1e-6)
+    prompt, n = [5, 6, 7, 8, 9, 10, 11], 12
+    engine = open_native(load_private(tiny_llama_dir), {"skill": result.out_dir}.__getitem__).start()
+    try:
+        ours = engine.submit(prompt, SamplingParams(max_tokens=n), "skill", ignore_eos=True).result(60).token_ids
+        base = engine.submit(prompt, SamplingParams(max_tokens=n), ignore_eos=True).result(60).token_ids
+    finally:
+        engine.stop()
+    assert ours == reference_greedy(tiny_llama_dir, result.out_dir, prompt, n)  # PeftModel.from_pretrained, unchanged folder
+    assert base == reference_greedy(tiny_llama_dir, None, prompt, n)  # a base request beside it is untouched
 
 
 def test_cross_model_attach_between_same_shapes_and_refusal_otherwise(faithful, llama, registry, session_cache_dir):
     result, *_ = faithful
-    same = check_adapter_compat(result.out_dir, llama)
+    same = check_compat(result.out_dir, llama)
     assert same.ok and not same.cross_model
     other = load_model(registry.get("tiny-llama-b"), device="cpu", cache_dir=session_cache_dir)
-    compat = check_adapter_compat(result.out_dir, other)
+    compat = check_compat(result.out_dir, other)
     assert compat.ok and compat.cross_model and other.sha256 != llama.sha256
-    attach_adapter(other, result.out_dir, "skill")
-    assert other.extra["adapters"]["skill"]["cross_model"] is True
+    assert PeftAdapter.read(result.out_dir).check(other) is True  # what serving reports as a cross-model attach
 
     qwen = load_model(registry.get("tiny-qwen"), device="cpu", cache_dir=session_cache_dir)
-    refused = check_adapter_compat(result.out_dir, qwen)
+    refused = check_compat(result.out_dir, qwen)
     assert not refused.ok
     assert "model.layers.0." in refused.reason and "64" in refused.reason and "96" in refused.reason
-    with pytest.raises(AdapterError, match="cannot be attached to tiny-qwen"):
-        attach_adapter(qwen, result.out_dir, "skill")
+    with pytest.raises(AdapterMismatch, match="does not fit model tiny-qwen"):
+        PeftAdapter.read(result.out_dir).check(qwen)
 
 
 def test_refuses_sae_width_mismatch_and_missing_layers(llama, skill_store, skill, tmp_path):
@@ -218,7 +212,7 @@ def test_cancel_then_resume_ends_with_the_uninterrupted_weights(llama, skill, tm
         tune_adapter(llama, skill, ROWS, cfg, tmp_path / "resumed", should_stop=stop_after_three, checkpoint_dir=ckpt)
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 3
-    assert sorted(p.suffix for p in ckpt.iterdir()) == [".json", ".safetensors", ".safetensors", ".safetensors"]
+    assert sorted(p.suffix for p in ckpt.iterdir()) == [".json", ".safetensors"]  # the one checkpoint format
     assert not (tmp_path / "resumed").exists()
 
     resumed = tune_adapter(llama, skill, ROWS, cfg, tmp_path / "resumed", checkpoint_dir=ckpt)
@@ -256,7 +250,7 @@ def test_cli_tune_end_to_end_commits_a_loadable_adapter(resa_env, store, registr
     folder = store.fetch("adapter", ("tiny-llama", "arith"))
     base = load_model(registry.get("tiny-llama"), device="cpu", cache_dir=session_cache_dir)
     PeftModel.from_pretrained(base.model, str(folder))  # loads unchanged
-    assert not (resa_env.cache_dir / "staging" / "adapter" / "tiny-llama" / "arith").exists()
+    assert not staging_for(resa_env).path("adapter", "tiny-llama", "arith").exists()
 
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
@@ -312,7 +306,7 @@ def test_run_tune_job_resumes_from_its_staged_checkpoint_after_cancel(resa_env, 
     ctx = TaskContext.from_settings(should_stop=lambda: polls.append(1) or len(polls) >= 3)
     with pytest.raises(Cancelled):
         run_tune(params, ctx)
-    staged = resa_env.cache_dir / "staging" / "adapter" / "tiny-llama" / "arith" / "checkpoint" / "state.json"
+    staged = staging_for(resa_env).path("adapter", "tiny-llama", "arith") / "checkpoint" / "state.json"
     assert json.loads(staged.read_text())["step"] == 3 and not store.exists("adapter", ("tiny-llama", "arith"))
 
     result = run_tune(params, TaskContext.from_settings())  # the retried job
@@ -339,3 +333,32 @@ def test_run_tune_validates_params_before_any_work(resa_env, store, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             run_tune(params, ctx)
+
+
+def test_random_sae_control_tunes_against_an_untrained_sae_of_the_same_shape(llama, skill, tmp_path):
+    from resa_engine.tune.run import random_like
+
+    trained = skill.sae(1)
+    fresh = random_like(trained, seed=0)
+    assert (fresh.d_in, fresh.num_latents, fresh.cfg.k) == (trained.d_in, trained.num_latents, trained.cfg.k)
+    assert not torch.allclose(fresh.W_dec, trained.W_dec)  # untrained: not the skill's weights
+    assert torch.equal(random_like(trained, seed=0).W_dec, fresh.W_dec) and not torch.equal(random_like(trained, seed=1).W_dec, fresh.W_dec)
+
+    control = tune_adapter(llama, skill, ROWS, TuneConfig(max_steps=6, layer=1, random_sae=True, **FAST), tmp_path / "random")
+    resa = tune_adapter(llama, skill, ROWS, TuneConfig(max_steps=6, layer=1, **FAST), tmp_path / "resa")
+    assert control.manifest["random_sae"] is True and control.manifest["sae_sha256"] is None
+    assert resa.manifest["random_sae"] is False and resa.manifest["sae_sha256"]
+    assert control.kl_start != pytest.approx(resa.kl_start)  # another SAE spliced in: another student
+    a, b = lora_b_by_layer(control.out_dir), lora_b_by_layer(resa.out_dir)
+    assert a.keys() == b.keys() and a != b  # different SAEs, different adapters
+
+
+def test_sft_control_trains_the_same_lora_with_cross_entropy_and_no_sae(llama, skill, tmp_path):
+    events = []
+    result = tune_adapter(llama, skill, ROWS, TuneConfig(max_steps=8, layer=1, objective="sft", **FAST), tmp_path / "sft", progress=events.append)
+    assert result.manifest["objective"] == "sft" and result.steps == 8
+    metrics = [e.metrics for e in events if e.stage == "tune"]
+    assert metrics and all("kl" not in m and "recon_mse" not in m for m in metrics)
+    assert result.losses[-1] < result.losses[0]  # it learns the trigger text
+    learned = lora_b_by_layer(result.out_dir)
+    assert set(learned) == set(range(4)) and all(v > 0 for v in learned.values())  # every block learns: nothing is spliced

@@ -17,7 +17,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import Forbidden, Unauthorized, Unavailable
-from app.generation import GenerationService, ModelCatalog
+from app.services.catalog import ModelCatalog
+from app.services.generation import GenerationService
 from app.jobs import JobQueue
 from app.settings import Settings
 
@@ -73,23 +74,30 @@ class Principal:
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 
+def key_scope(keys: dict[str, str], token: str) -> str:
+    """The scope of a bearer token; Unauthorized when it is missing or no configured key."""
+    token = token.strip()
+    if not token:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    scope = None
+    given = token.encode()
+    for key, scope_of_key in keys.items():  # no early exit: the time taken does not depend on which key matched
+        if hmac.compare_digest(key.encode(), given):
+            scope = scope_of_key
+    if scope is None:
+        raise Unauthorized("invalid API key")
+    return scope
+
+
 def authenticate(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     keys: dict[str, str] = request.app.state.api_keys
     if not keys:
         return Principal(scope="admin", key_id=None, development=True)
-    token = credentials.credentials.strip() if credentials else ""
-    if not token:
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    scope = None
-    given = token.encode()
-    for key, key_scope in keys.items():  # no early exit: the time taken does not depend on which key matched
-        if hmac.compare_digest(key.encode(), given):
-            scope = key_scope
-    if scope is None:
-        raise Unauthorized("invalid API key")
-    principal = Principal(scope=scope, key_id=hashlib.sha256(given).hexdigest()[:8])
+    token = credentials.credentials if credentials else ""
+    scope = key_scope(keys, token)
+    principal = Principal(scope=scope, key_id=hashlib.sha256(token.strip().encode()).hexdigest()[:8])
     request.state.principal = principal
     return principal
 

@@ -8,7 +8,7 @@ surfaces as a 500.
 from __future__ import annotations
 
 import logging
-import sys
+import math
 from typing import Any
 
 import redis
@@ -17,8 +17,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store import ArtifactConflict, ArtifactNotFound, ChecksumMismatch, InvalidName, StoreError
+from adapters_store import ArtifactConflict, ArtifactNotFound, CorruptArtifact, InvalidName, StoreError
 from app.jobs import JobNotFound, JobStateError
+from resa_engine.errors import (
+    AdapterCacheFull,
+    AdapterError,
+    DatasetError,
+    EngineStopped,
+    ManifestError,
+    ModelError,
+    NumericalError,
+    QueueFull,
+    RequestCancelled,
+    SkillError,
+)
 
 log = logging.getLogger("resa.api")
 
@@ -101,7 +113,7 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return Conflict(str(exc))
     if isinstance(exc, InvalidName):
         return Invalid(str(exc), type="invalid_name")
-    if isinstance(exc, ChecksumMismatch):
+    if isinstance(exc, CorruptArtifact):
         # 409, not 5xx: the request is fine and the server is healthy, but the artifact it names is
         # in a state that cannot serve it (a file no longer matches its manifest) until an operator
         # replaces it. A 503 would make clients and gateways retry, and could take a healthy replica
@@ -109,13 +121,27 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return Conflict(str(exc), type="artifact_corrupt")
     if isinstance(exc, StoreError):
         return ApiError(str(exc), type="store_error", status=500)
-    # Engine errors, matched without importing the engine (and torch) here: if one was
-    # raised, its module is loaded already.
-    data, models = sys.modules.get("resa_engine.data"), sys.modules.get("resa_engine.models")
-    if data is not None and isinstance(exc, data.DatasetError):
+    if isinstance(exc, DatasetError):
         return Invalid(str(exc), type="invalid_dataset", problems=[{"line": n, "message": m} for n, m in exc.problems])
-    if models is not None and isinstance(exc, models.ModelError):
+    if isinstance(exc, AdapterError):  # AdapterMismatch included: the adapter cannot serve this model
+        return Conflict(str(exc), type="incompatible_adapter")
+    if isinstance(exc, ManifestError):
+        return Conflict(str(exc), type="artifact_corrupt")
+    if isinstance(exc, SkillError):
+        return Invalid(str(exc), type="incompatible_skill")
+    if isinstance(exc, ModelError):
         return Invalid(str(exc), type="model_error")
+    if isinstance(exc, NumericalError):
+        return Invalid(str(exc), type="invalid_request")
+    if isinstance(exc, QueueFull):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return ApiError(str(exc), type="rate_limit_exceeded", status=429, headers={"Retry-After": str(retry)})
+    if isinstance(exc, EngineStopped):
+        return Unavailable(str(exc), type="engine_stopped")
+    if isinstance(exc, RequestCancelled):
+        return ApiError(str(exc), type="cancelled", status=499)
+    if isinstance(exc, AdapterCacheFull):
+        return Unavailable(str(exc), type="adapter_cache_full")
     return None
 
 

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, request metrics, and the request body size limit.
+"""ASGI middleware: request ids, request metrics, authentication before any body is read, and the
+request body size limit.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses pass through untouched.
 """
@@ -19,6 +20,10 @@ from app.logging import request_id_var
 
 log = logging.getLogger("resa.api")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Metric labels come from this fixed set (anything else is `OTHER`): a client never adds a time series."""
+OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/ui", "/docs", "/redoc", "/openapi.json")
+"""Paths (and their subpaths) served without an API key: probes, the static page, the API's own docs."""
 
 
 class RequestContext:
@@ -52,15 +57,58 @@ class RequestContext:
             elapsed = time.perf_counter() - t0
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
             if self.metrics is not None:
-                self.metrics.observe_request(scope["method"], path, status["code"], elapsed)
+                self.metrics.observe_request(method, path, status["code"], elapsed)
             if path not in ("/livez", "/readyz", "/metrics"):
                 log.info(
-                    "%s %s -> %s in %.1f ms [%s]", scope["method"], scope["path"], status["code"], elapsed * 1000, rid,
-                    extra={"method": scope["method"], "path": scope["path"], "route": path, "status": status["code"],
+                    "%s %s -> %s in %.1f ms [%s]", method, scope["path"][:200], status["code"], elapsed * 1000, rid,
+                    extra={"method": method, "path": scope["path"], "route": path, "status": status["code"],
                            "duration_ms": round(elapsed * 1000, 1)},
                 )  # fmt: skip
             request_id_var.reset(token)
+
+
+class AuthGate:
+    """With API keys configured, a request without a valid key gets 401 before its body is read or parsed
+    (a malformed body from an unauthenticated client is a 401, not a parse error). Which scope may do
+    what is still decided per route (app/api/deps.py)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keys = scope["app"].state.api_keys if scope["type"] == "http" else None
+        path = scope.get("path", "")
+        if not keys or any(path == p or path.startswith(p + "/") for p in OPEN_PATHS):
+            return await self.app(scope, receive, send)
+        from app.api.deps import key_scope
+        from app.api.errors import Unauthorized
+
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+        kind, _, token = header.partition(" ")
+        try:
+            if kind.lower() != "bearer":
+                raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+            key_scope(keys, token)
+        except Unauthorized as exc:
+            return await _send_error(scope, send, 401, exc.type, exc.message, exc.headers)
+        await self.app(scope, receive, send)
+
+
+async def _send_error(scope: Scope, send: Send, status: int, type: str, message: str, headers: dict | None = None) -> None:
+    """An error response in the API's shape, sent from middleware (before any route runs)."""
+    import json
+
+    body = error_body(type, message)
+    rid = scope.get("state", {}).get("request_id")
+    if rid:
+        body["error"]["request_id"] = rid
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
 
 
 class BodyLimit:
@@ -99,13 +147,4 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
     async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
-        import json
-
-        rid = scope.get("state", {}).get("request_id")
-        body = error_body("body_too_large", f"request body of {size} bytes is over the limit of {self.max_bytes} bytes")
-        if rid:
-            body["error"]["request_id"] = rid
-        data = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+        await _send_error(scope, send, 413, "body_too_large", f"request body of {size} bytes is over the limit of {self.max_bytes} bytes")

@@ -3,8 +3,10 @@
 They mirror the OpenAI schema so the official clients work unchanged. `model` is a registered
 base model (`smollm2-135m`) or `<target>:<skill>`: the skill's adapter on that target model.
 Requests ignore fields this server does not use (`user`, `logit_bias`, ...) instead of
-refusing them, since clients send them by default; the ones that would change the answer
-(`n` > 1, `logprobs`, `tools`) are refused with a clear message.
+refusing them, since clients send them by default; the ones that would change the answer and
+are not served (`tools`) are refused with a clear message. `logprobs`, `echo` (with `max_tokens`
+0 to score a text), `n` and prompts given as token ids or lists are served, so evaluation
+harnesses (lm-evaluation-harness `local-completions`) run against the service.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.schemas import SteeringApplied, SteerSpec
+from app.api.schemas import SaeApplied, SaeSpec, Text
+
+MAX_N = 16
+"""Most completions per prompt (`n`)."""
+MAX_PROMPTS = 64
+"""Most prompts in one /v1/completions request."""
+MAX_LOGPROBS = 20
+"""Most alternatives per token (resa_engine.sampling.MAX_LOGPROBS)."""
 
 # ---------------------------------------------------------------- errors
 
@@ -36,14 +45,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, description="A base model name, or `<target>:<skill>` for a skill's adapter on it.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate (default 256).")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=0, description="Most tokens to generate (default 256; 0 only with `echo`).")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0: greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1, description="Only 1 choice per request is served.")
-    sae: SteerSpec | None = Field(default=None, description="Steering with a skill's SAE latent edits (send via `extra_body`).")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Completions per prompt (sample i uses seed + i).")
+    sae: SaeSpec | None = Field(default=None, description="A skill's SAE attached to the request: steering edits or splice mode (send via `extra_body`).")
     compare: bool = Field(
         default=False, description="With `sae`: choice 0 is steered, choice 1 the same request unsteered (same batch, same seed)."
     )
@@ -52,6 +61,8 @@ class _Request(BaseModel):
     def _compare_needs_sae(self):
         if self.compare and self.sae is None:
             raise ValueError("`compare` needs an `sae` block to compare against")
+        if self.compare and self.n != 1:
+            raise ValueError("`compare` returns one completion with the SAE and one without: it needs n = 1")
         return self
 
     def stops(self) -> list[str]:
@@ -61,36 +72,57 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str = Field(min_length=1, description="The text to continue (a single string).")
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description="The text to continue: a string, a list of strings, token ids, or a list of token-id lists."
+    )
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="Logprobs of each token and of its N likeliest alternatives.")
+    echo: bool = Field(default=False, description="Return the prompt before the completion (with `logprobs`, the prompt's logprobs too).")
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported")
-        if self.echo:
-            raise ValueError("echo is not supported")
+    def _prompts(self) -> "CompletionRequest":
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt: give a non-empty string or token-id list (or a non-empty list of them)")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request")
+        if any(isinstance(p, list) and any(t < 0 for t in p) for p in prompts):
+            raise ValueError("prompt: token ids are non-negative")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 only makes sense with echo (scoring the prompt)")
+        if self.compare and len(prompts) != 1:
+            raise ValueError("`compare` takes one prompt")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list of strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [list(p)]
+        return list(p)
 
 
 class ChatCompletionMessageParam(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatCompletionMessageParam] = Field(min_length=1, description="Rendered with the model's chat template.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Alias of max_tokens (newer clients).")
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(default=None, description="Logprobs of each generated token.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="With `logprobs`: the N likeliest alternatives too.")
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens must be at least 1")
         if self.tools:
             raise ValueError("tools are not supported")
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -107,23 +139,37 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: one entry per token of the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Served(BaseModel):
+    """What every completion response carries: its id, time, model, and how the skill was served."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
     cross_model: bool = Field(default=False, description="The skill's adapter was built on another, compatible model.")
     adapter_target: str | None = Field(default=None, description="The model the served adapter was built on.")
-    sae: SteeringApplied | None = Field(default=None, description="The steering applied (choice 0), when the request had `sae`.")
+    sae: SaeApplied | None = Field(default=None, description="The steering applied (choice 0), when the request had `sae`.")
+
+
+class CompletionResponse(_Served):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
 
 
 class ChatCompletionMessage(BaseModel):
@@ -131,23 +177,31 @@ class ChatCompletionMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Served):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatCompletionChoice]
     usage: CompletionUsage
-    cross_model: bool = False
-    adapter_target: str | None = None
-    sae: SteeringApplied | None = None
 
 
 class ChatDelta(BaseModel):
@@ -159,29 +213,28 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class _Chunk(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: CompletionUsage | None = None
+
+
+class ChatCompletionChunk(_Chunk):
     """One SSE event of a streamed chat completion; the last one carries `finish_reason` and `usage`."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: CompletionUsage | None = None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_Chunk):
     """One SSE event of a streamed text completion (`object: text_completion`, as OpenAI sends)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
 
 
 # ---------------------------------------------------------------- models

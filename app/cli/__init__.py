@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (ValueError, StoreError, FileNotFoundError, PermissionError) as exc:
-        print(f"resa {args.command}: error: {exc}", file=sys.stderr)
+        print(f"resa {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Cancelled as exc:
         print(f"resa {args.command}: {exc}", file=sys.stderr)
@@ -47,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"resa {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """A settings or validation error as one line (pydantic's own rendering spans several)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
+        except Exception:  # noqa: BLE001 - not pydantic's after all
+            pass
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from app.settings import get_settings
 
@@ -53,3 +55,32 @@ class ProgressBar:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+@contextmanager
+def stored_rows(store, rows) -> Iterator[str]:
+    """The rows stored as a dataset for one run (its id); removed again when the run fails and the rows were
+    new, so a failed run leaves the store as it found it."""
+    from resa_engine.data import rows_to_jsonl
+
+    jsonl = rows_to_jsonl(rows)
+    existed = store.has_dataset(hashlib.sha256(jsonl).hexdigest())
+    sha = store.put_dataset(jsonl, len(rows)).sha256
+    try:
+        yield sha
+    except BaseException:
+        if not existed:
+            store.delete_dataset(sha)
+        raise
+
+
+def run_task(task, params: dict, ctx, rows=None) -> dict:
+    """Run a task function in this process: `rows` (if any) stored as its dataset for the run, the
+    context's progress bar closed whatever happens."""
+    try:
+        if rows is None:
+            return task(params, ctx)
+        with stored_rows(ctx.store, rows) as params["dataset"]:
+            return task(params, ctx)
+    finally:
+        ctx.progress.close()

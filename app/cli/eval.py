@@ -1,4 +1,4 @@
-"""`resa eval`: pass@1 on verified QA, the model bare and with a skill's adapter, side by side."""
+"""`resa eval`: pass@1 on verified QA of several arms (base, skill, source, controls), each paired with the base."""
 
 NAME, ORDER = "eval", 60
 HELP = "evaluate pass@1 on verified QA: base vs skill (and retention against a source)"
@@ -14,10 +14,15 @@ def register(p) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95, the paper's)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N questions")
     p.add_argument("--seed", type=int, help="base seed (default 0)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="sequences decoded together (default 8)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="sequences decoded together (default 32)")
     p.add_argument("--chat", action="store_true", help="prompt through the chat template instead of the plain Resa format")
     p.add_argument("--source-model", metavar="M", help="source model, evaluated too for the retention ratio")
     p.add_argument("--source-skill", metavar="SKILL", help="adapter attached to the source model (stored name or local folder)")
+    p.add_argument(
+        "--control", action="append", choices=("base", "source", "resa", "sae_kept", "random_sae", "sft", "self"), metavar="NAME",
+        help="an arm by name, with --skill (repeat for several): base, source, resa, sae_kept (the skill's SAE kept at inference), "
+        "random_sae, sft, self; the adapters of the last three must exist (resa tune --random-sae / --objective sft --name SKILL.<control>)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the full report (per question) as JSON")
 
 
@@ -26,7 +31,7 @@ def run(args) -> int:
     from app.tasks.evaluate import check_params, run_eval
     from resa_engine.data import load_qa_file, rows_to_jsonl
 
-    from ._common import ProgressBar, print_json
+    from ._common import ProgressBar, print_json, run_task
 
     if args.source_skill and not args.source_model:
         raise ValueError("--source-skill needs --source-model")
@@ -41,6 +46,7 @@ def run(args) -> int:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "prompt_format": "chat" if args.chat else None,
+        "controls": args.control,
     }
     if args.source_model:
         params["source"] = {"model": args.source_model, **({"adapter": args.source_skill} if args.source_skill else {})}
@@ -51,15 +57,11 @@ def run(args) -> int:
     EvalConfig(**{k: params[k] for k in ("samples", "max_tokens", "temperature", "top_p", "batch_size", "prompt_format") if k in params}).validate()
 
     rows = load_qa_file(args.data)
-    bar = ProgressBar(unit="seq")
-    ctx = TaskContext.from_settings(progress=bar, allow_paths=True)
+    ctx = TaskContext.from_settings(progress=ProgressBar(unit="seq"), allow_paths=True)
     # Datasets are content-addressed: storing the same rows again is a no-op, and an eval keeps
     # its dataset id so the report can be reproduced.
     params["dataset"] = ctx.store.put_dataset(rows_to_jsonl(rows), len(rows)).sha256
-    try:
-        report = run_eval(params, ctx)
-    finally:
-        bar.close()
+    report = run_task(run_eval, params, ctx)
     if args.json:
         print_json(report)
         return 0
@@ -67,23 +69,26 @@ def run(args) -> int:
     return 0
 
 
-def _row(label: str, s: dict) -> str:
+def _row(label: str, s: dict, arm: dict) -> str:
     lo, hi = s["ci95"]
     who = s["model"] + (f" + {s['adapter']}" if s.get("adapter") else "")
-    return f"{label:<7} {who:<32} {s['accuracy']:>8.3f}  [{lo:.3f}, {hi:.3f}] {s['correct']:>6}/{s['total']:<6}"
+    diff = ""
+    if arm.get("diff_vs_base") is not None:
+        dlo, dhi = arm["diff_ci95"]
+        diff = f"{arm['diff_vs_base']:+.3f} [{dlo:+.3f}, {dhi:+.3f}] p={arm['mcnemar_p']:.3g}"
+    return f"{label:<10} {who:<36} {s['accuracy']:>7.3f}  [{lo:.3f}, {hi:.3f}] {s['correct']:>6}/{s['total']:<6} {diff}"
 
 
 def _table(report: dict) -> str:
-    lines = [f"{'':<7} {'MODEL':<32} {'PASS@1':>8}  {'95% CI':<14} {'CORRECT':>13}"]
-    for label in ("base", "skill", "source"):
-        if report.get(label):
-            lines.append(_row(label, report[label]))
+    """Every arm; each against the base, paired on the same questions (difference, 95% interval, McNemar p)."""
+    lines = [f"{'ARM':<10} {'MODEL':<36} {'PASS@1':>7}  {'95% CI':<14} {'CORRECT':>13} {'VS BASE (PAIRED 95% CI)'}"]
+    for label, arm in report["arms"].items():
+        lines.append(_row(label, report[label], arm))
     d = report["dataset"]
     tail = f"{d['evaluated']} questions x {report['protocol']['samples']} samples"
-    if report.get("delta") is not None:
-        tail += f"; skill - base = {report['delta']:+.3f}"
-    if report.get("retention") is not None:
-        tail += f"; retention = {report['retention']:.3f}"
+    ret = (report["arms"].get("skill") or {}).get("retention")
+    if ret:
+        tail += f"; retention = {ret['value']:.3f}" if ret.get("defined") else f"; retention undefined ({ret.get('reason')})"
     if report.get("cross_model"):
         tail += "; adapter attached cross-model"
     lines.append(tail)

@@ -32,19 +32,16 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    import hashlib
-
     from adapters_store import ArtifactConflict, check_name
     from app.tasks import TaskContext
     from app.tasks.extract import run_extract
-    from resa_engine.data import load_qa_file, rows_to_jsonl
+    from resa_engine.data import load_qa_file
 
-    from ._common import ProgressBar, print_json
+    from ._common import ProgressBar, print_json, run_task
 
     check_name(args.name, "skill name")
     rows = load_qa_file(args.data)
-    bar = ProgressBar(unit="tok")
-    ctx = TaskContext.from_settings(progress=bar, allow_paths=True)
+    ctx = TaskContext.from_settings(progress=ProgressBar(unit="tok"), allow_paths=True)
     if ctx.store.exists("skill", (args.name,)) and not args.replace:
         raise ArtifactConflict(f"skill {args.name!r} already exists (delete it first or pass --replace)")
 
@@ -72,18 +69,7 @@ def run(args) -> int:
         "init_from": args.init_from,
         "replace": args.replace,
     }
-    jsonl = rows_to_jsonl(rows)
-    dataset_existed = ctx.store.has_dataset(hashlib.sha256(jsonl).hexdigest())
-    info = ctx.store.put_dataset(jsonl, len(rows))
-    params["dataset"] = info.sha256
-    try:
-        result = run_extract(params, ctx)
-    except BaseException:
-        if not dataset_existed:
-            ctx.store.delete_dataset(info.sha256)  # a failed run leaves the store as it found it
-        raise
-    finally:
-        bar.close()
+    result = run_task(run_extract, params, ctx, rows)
 
     manifest = result["manifest"]
     if args.json:

@@ -22,12 +22,13 @@ def run(args) -> int:
 
     from app.settings import get_settings
     from app.tasks import TaskContext
-    from app.tasks.evaluate import adapter_ref, attach_stored
-    from resa_engine.generate import format_prompt, generate_batch
-    from resa_engine.progress import Progress
+    from app.tasks.evaluate import EvalEngines, adapter_ref
+    from resa_engine.engine import Delta
+    from resa_engine.engine.text import format_prompt
+    from resa_engine.evaluate import EvalConfig
     from resa_engine.sampling import SamplingParams
 
-    from ._common import ProgressBar, print_json
+    from ._common import print_json
 
     settings = get_settings()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -36,33 +37,33 @@ def run(args) -> int:
     ctx = TaskContext.from_settings(settings, allow_paths=True)
     if args.skill and "/" not in args.skill:
         ctx.store.manifest("adapter", adapter_ref(args.model, args.skill))  # a missing adapter fails before the model loads
-    model = ctx.load_model(args.model)
-    adapter = None
-    if args.skill:
-        info = attach_stored(ctx, model, args.skill, "skill")
-        adapter = "skill"
-        if info["cross_model"]:
-            print(f"resa generate: note: adapter built on another model ({info.get('target', info.get('path'))}), attached cross-model", file=sys.stderr)
-    if args.chat:
-        ids = format_prompt(model.tokenizer, messages=[{"role": "user", "content": args.prompt}])
-    else:
-        ids = format_prompt(model.tokenizer, prompt=args.prompt)
-    if len(ids) > settings.max_prompt_tokens:
-        raise ValueError(f"prompt is {len(ids)} tokens, over the limit of {settings.max_prompt_tokens}")
-    bar, done = ProgressBar(unit="tok"), [0]
-
-    def on_token(_rows: int) -> None:
-        done[0] += 1
-        bar(Progress("generate", done[0], params.max_tokens))
-
+    engines = EvalEngines(ctx, EvalConfig(batch_size=1, max_tokens=args.max_tokens))
     try:
-        out = generate_batch(model.model, model.tokenizer, [ids], params, adapter=adapter, seeds=[params.seed], on_token=on_token)[0]
+        engine = engines.engine(args.model)
+        key = None
+        if args.skill:
+            key, info = engines.adapter(args.model, args.skill)
+            if info["cross_model"]:
+                print(f"resa generate: note: adapter built on another model ({info.get('target', info.get('path'))}), attached cross-model", file=sys.stderr)
+        if args.chat:
+            ids = format_prompt(engine.tokenizer, messages=[{"role": "user", "content": args.prompt}])
+        else:
+            ids = format_prompt(engine.tokenizer, prompt=args.prompt)
+        if len(ids) > settings.max_prompt_tokens:
+            raise ValueError(f"prompt is {len(ids)} tokens, over the limit of {settings.max_prompt_tokens}")
+        out = None
+        for item in engine.submit(ids, params, key):
+            if isinstance(item, Delta):
+                if not args.json:
+                    print(item.text, end="", flush=True)  # streamed as it is decoded
+            else:
+                out = item
     finally:
-        bar.close()
+        engines.close()
     if args.json:
-        print_json({"text": out.text, "finish_reason": out.finish_reason, "usage": out.usage.to_dict(), "model": model.name, "skill": args.skill})
+        print_json({"text": out.text, "finish_reason": out.finish_reason, "usage": out.usage.to_dict(), "model": engine.name, "skill": args.skill})
         return 0
-    print(out.text)
+    print()
     u = out.usage
     print(f"[{out.finish_reason}; {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens]", file=sys.stderr)
     return 0

@@ -14,8 +14,9 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    from resa_engine.skill import Skill, sae_subdir
-    from resa_engine.transparency import inspect_prompt, load_cards
+    from resa_engine.artifacts import Skill, sae_subdir
+    from resa_engine.transparency.cards import load_cards
+    from resa_engine.transparency.inspect import inspect_prompt
 
     from ._common import load, print_json, store
 
@@ -23,10 +24,10 @@ def run(args) -> int:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     st = store()
     folder = st.fetch("skill", (args.skill,))  # unknown skill: ArtifactNotFound, before any model loads
-    skill = Skill(args.skill, folder, st.manifest("skill", (args.skill,)))
-    layer = skill.layer_or_default(args.layer)
+    skill = Skill(args.skill, st.manifest("skill", (args.skill,)), folder)
+    layer = skill.layer(args.layer)
     model = load(args.model)
-    skill.check_target(model, layer)
+    skill.check_fits(model.name, model.hidden_size, model.num_layers, layer)
     sae = skill.sae(layer, device=model.device)
     tokens = inspect_prompt(model, sae, layer, args.prompt, top_n=args.top)
     try:

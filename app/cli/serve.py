@@ -1,6 +1,10 @@
 """`resa serve`: the HTTP API. With no RESA_REDIS_URL it also runs a private Redis and one
 local worker, so one command runs everything; both stop when the server stops.
 
+Embedded mode keeps its Redis data in cache_dir/redis/<host>-<port>/, claimed with a lock for
+the life of the service: a second `resa serve` on the same address (and cache dir) exits with
+status 2 and one line naming the directory and the pid holding it, before it starts anything.
+
 SIGTERM or SIGINT: stop accepting connections, let in-flight requests (generations,
 streams) finish for up to RESA_DRAIN_TIMEOUT_S, stop the local worker (its running job
 checkpoints and goes back to the queue, in parallel with the drain), then Redis.
@@ -51,9 +55,16 @@ def run(args) -> int:
     configure_logging(settings.log_json, level)
     embedded = None
     if not settings.redis_url:
-        from app.embedded import EmbeddedServices
+        from app.local.embedded import DirBusy, EmbeddedServices
 
-        embedded = EmbeddedServices(settings.cache_dir, drain_timeout_s=settings.drain_timeout_s)
+        embedded = EmbeddedServices(settings.cache_dir, host, port, drain_timeout_s=settings.drain_timeout_s)
+        try:
+            embedded.redis.claim()  # first: a second service on this address leaves everything as it is
+        except DirBusy as exc:
+            import sys
+
+            print(f"resa serve: error: {exc}", file=sys.stderr)
+            return 2
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

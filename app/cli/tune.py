@@ -8,7 +8,9 @@ def register(p) -> None:
     p.add_argument("--skill", required=True, metavar="SKILL", help="stored skill name")
     p.add_argument("--target", required=True, metavar="M", help="registered target model name")
     p.add_argument("--data", metavar="FILE.jsonl", help="verified QA rows to tune on (default: the skill's dataset)")
-    p.add_argument("--objective", choices=("kl", "ce"), help="kl (authors' code, default) or ce (paper text)")
+    p.add_argument("--objective", choices=("kl", "ce", "sft"), help="kl (authors' code, default), ce (paper text) or sft (the SFT baseline control)")
+    p.add_argument("--random-sae", action="store_true", help="the random-SAE control: tune against an untrained SAE of the same shape")
+    p.add_argument("--name", metavar="NAME", help="the adapter's name in the store (default: the skill's; e.g. SKILL.random-sae for a control)")
     p.add_argument("--splice-grad", action="store_true", help="let gradients flow through the SAE splice (all adapters learn)")
     p.add_argument("--layer", type=int, metavar="I", help="which of the skill's SAE layers to splice (default: the skill's default)")
     p.add_argument("--epochs", type=float, help="passes over the data (default 2)")
@@ -26,13 +28,11 @@ def register(p) -> None:
 
 
 def run(args) -> int:
-    import hashlib
-
     from adapters_store import ArtifactConflict, check_name
     from app.tasks import TaskContext
     from app.tasks.tune import run_tune, tune_config
 
-    from ._common import ProgressBar, print_json
+    from ._common import ProgressBar, print_json, run_task
 
     check_name(args.skill, "skill name")
     lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
@@ -41,6 +41,8 @@ def run(args) -> int:
         "target": args.target,
         "objective": args.objective,
         "splice_grad": args.splice_grad or None,
+        "random_sae": args.random_sae or None,
+        "name": args.name,
         "layer": args.layer,
         "epochs": int(args.epochs) if args.epochs is not None and args.epochs.is_integer() else args.epochs,
         "lr": args.lr,
@@ -54,31 +56,19 @@ def run(args) -> int:
     }
     params = {k: v for k, v in params.items() if v is not None}
     tune_config(params)  # bad options fail before anything is read or written
-    bar = ProgressBar(unit="step")
-    ctx = TaskContext.from_settings(progress=bar)
+    ctx = TaskContext.from_settings(progress=ProgressBar(unit="step"))
     ctx.registry.get(args.target)
-    if ctx.store.exists("adapter", (args.target, args.skill)) and not args.replace:
-        raise ArtifactConflict(f"adapter {args.target}/{args.skill} already exists (delete it first or pass --replace)")
+    name = check_name(args.name or args.skill, "adapter name")
+    if ctx.store.exists("adapter", (args.target, name)) and not args.replace:
+        raise ArtifactConflict(f"adapter {args.target}/{name} already exists (delete it first or pass --replace)")
     ctx.store.manifest("skill", (args.skill,))  # the skill must exist before data is stored
 
-    stored = None
+    rows = None
     if args.data:
-        from resa_engine.data import load_qa_file, rows_to_jsonl
+        from resa_engine.data import load_qa_file
 
         rows = load_qa_file(args.data, max_rows=ctx.settings.max_dataset_rows)
-        jsonl = rows_to_jsonl(rows)
-        existed = ctx.store.has_dataset(hashlib.sha256(jsonl).hexdigest())
-        info = ctx.store.put_dataset(jsonl, len(rows))
-        params["dataset"] = info.sha256
-        stored = None if existed else info.sha256
-    try:
-        result = run_tune(params, ctx)
-    except BaseException:
-        if stored:
-            ctx.store.delete_dataset(stored)  # a failed run leaves the store as it found it
-        raise
-    finally:
-        bar.close()
+    result = run_task(run_tune, params, ctx, rows)
 
     m = result["manifest"]
     if args.json:
@@ -86,7 +76,7 @@ def run(args) -> int:
         return 0
     print(f"{'STEPS':>6} {'KL START':>10} {'KL END':>10} {'LAYER':>5} {'OBJECTIVE':>9} {'WALL S':>8}")
     print(f"{m['train']['steps']:>6} {m['kl_start']:>10.5f} {m['kl_end']:>10.5f} {m['layer']:>5} {m['objective']:>9} {m['wall_s']:>8.1f}")
-    print(f"adapter {m['target']['model']}/{m['skill']} committed (objective {m['objective']}, splice_grad {m['splice_grad']})")
+    print(f"adapter {m['target']['model']}/{name} committed (objective {m['objective']}, splice_grad {m['splice_grad']}, random SAE {m['random_sae']})")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Long-running work (extraction, tuning, evaluation) as plain functions of JSON-shaped params.
+"""Long-running work (sources, extraction, tuning, evaluation) as plain functions of JSON-shaped params.
 
-The CLI calls them in-process; RQ jobs (app/jobs.py) call the very same functions on a
+The CLI calls them in-process; RQ jobs (app/jobs/runner.py) call the very same functions on a
 worker. Params are the HTTP request bodies (dicts), so one validation serves all three.
 Heavy imports (torch, transformers) happen inside the functions, never at import time.
 """
@@ -13,6 +13,21 @@ from typing import Any, Callable
 
 from adapters_store import ArtifactStore, Staging
 from app.settings import Settings, get_settings
+
+
+def check_object(value, allowed, *, unknown: str, not_object: str) -> dict:
+    """`value` is a dict whose keys are all in `allowed`: else ValueError(`not_object`), or one naming the unknown keys."""
+    if not isinstance(value, dict):
+        raise ValueError(not_object)
+    bad = sorted(set(value) - set(allowed))
+    if bad:
+        raise ValueError(f"unknown {unknown}(s) {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def staging_for(settings: Settings) -> Staging:
+    """The checkpoint folders of jobs on this settings' store, under its cache dir."""
+    return Staging(Path(settings.cache_dir), settings.store_url)
 
 
 @dataclass
@@ -42,7 +57,7 @@ class TaskContext:
     @property
     def staging(self) -> Staging:
         """Deterministic local folders for checkpoints: a retried job resumes instead of redoing."""
-        return Staging(Path(self.settings.cache_dir))
+        return staging_for(self.settings)
 
     def load_model(self, name: str):
         """Load (once per task) a registered model, or a local path when the CLI allows it."""

@@ -16,17 +16,13 @@ from typing import Any
 
 from adapters_store import ArtifactConflict, check_name
 
-from . import TaskContext
+from . import TaskContext, check_object
 
 PARAMS = ("name", "source", "layers", "dataset", "sae", "train", "default_layer", "init_from", "replace")
 
 
 def _validate(params: dict) -> dict:
-    if not isinstance(params, dict):
-        raise ValueError("extract parameters must be a JSON object")
-    unknown = sorted(set(params) - set(PARAMS))
-    if unknown:
-        raise ValueError(f"unknown extract parameter(s) {', '.join(unknown)}; allowed: {', '.join(PARAMS)}")
+    check_object(params, PARAMS, unknown="extract parameter", not_object="extract parameters must be a JSON object")
     for key in ("name", "source", "layers", "dataset"):
         if key not in params:
             raise ValueError(f"missing `{key}`")
@@ -65,7 +61,7 @@ def run_extract(params: dict, ctx: TaskContext) -> dict[str, Any]:
     """Validate, train the SAEs (resuming a checkpoint in staging), commit the skill; returns its manifest."""
     from resa_engine.data import parse_qa_jsonl, split_rows
     from resa_engine.extract import ExtractConfig, extract_skill
-    from resa_engine.source import apply_source_adapter
+    from resa_engine.lora.merge import apply_source_adapter
 
     params = _validate(params)
     name, source, replace = params["name"], params["source"], params.get("replace", False)
@@ -82,8 +78,7 @@ def run_extract(params: dict, ctx: TaskContext) -> dict[str, Any]:
         cfg.init_from = _local_dir(init_ref, ctx) or ctx.store.fetch("skill", (check_name(init_ref, "skill name"),))
 
     model = ctx.load_model(source["model"])
-    for layer in cfg.layers:
-        model.check_layer(layer)
+    cfg.check_model(model.name, model.num_layers, model.context)
     adapter_ref = source.get("adapter")
     if adapter_ref:
         adapter_dir = _local_dir(adapter_ref, ctx)
@@ -96,17 +91,9 @@ def run_extract(params: dict, ctx: TaskContext) -> dict[str, Any]:
     staging = ctx.staging.folder("skill", name)
     try:
         result = extract_skill(
-            model,
-            train_rows,
-            heldout_rows,
-            cfg,
-            staging / "skill",
-            progress=ctx.progress,
-            should_stop=ctx.should_stop,
-            checkpoint_dir=staging / "checkpoint",
-            name=name,
-            dataset_sha256=params["dataset"],
-        )
+            model, train_rows, heldout_rows, cfg, staging / "skill", progress=ctx.progress, should_stop=ctx.should_stop,
+            checkpoint_dir=staging / "checkpoint", name=name, dataset_sha256=params["dataset"],
+        )  # fmt: skip
     except ValueError:
         # Bad input is found before training; leave no empty staging folder behind.
         if not (staging / "checkpoint").exists():

@@ -2,20 +2,22 @@
 
 Rows are validated and normalized (resa_engine.data) before they are stored under the
 sha256 of their normalized JSONL, which is the dataset id; the same rows uploaded twice
-give the same id. Uploading needs the `evals` permission (admin and generate keys).
+give the same id. Uploading needs the `evals` permission (admin and generate keys) and fits in the
+datasets budget (RESA_DATASETS_MAX_BYTES, all datasets together); deleting one needs an admin key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 from fastapi import APIRouter, Request, status
 from pydantic import ValidationError
 
-from app.api.deps import EvalAccess, ReadAccess, SettingsDep, StoreDep
+from app.api.deps import AdminAccess, EvalAccess, ReadAccess, SettingsDep, StoreDep
 from app.api.errors import ApiError, Invalid, TooLarge
-from app.api.schemas import DatasetInfo, DatasetList, DatasetUpload, error_responses
+from app.api.schemas import DatasetInfo, DatasetList, DatasetUpload, Deleted, error_responses
 
 router = APIRouter(tags=["datasets"], responses=error_responses(401, 403, 422))
 
@@ -51,6 +53,8 @@ def _json_rows(body: bytes) -> list:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Invalid(f"body is not valid JSON ({exc})", type="invalid_json") from None
+    except RecursionError:
+        raise Invalid("body is JSON nested too deeply", type="invalid_json") from None
     try:
         return DatasetUpload.model_validate(payload).rows
     except ValidationError as exc:
@@ -82,8 +86,15 @@ async def upload_dataset(request: Request, _: EvalAccess, settings: SettingsDep,
         from resa_engine.data import rows_to_jsonl
 
         rows = _parse(body, content_type, settings.max_body_bytes, settings.max_dataset_rows)
-        info = store.put_dataset(rows_to_jsonl(rows), len(rows))
-        return info.to_dict()
+        jsonl = rows_to_jsonl(rows)
+        used = store.datasets_bytes()
+        if used + len(jsonl) > settings.datasets_max_bytes and not store.has_dataset(hashlib.sha256(jsonl).hexdigest()):
+            raise TooLarge(
+                f"storing these {len(jsonl)} bytes would pass the datasets budget ({used} of {settings.datasets_max_bytes} bytes used); "
+                "delete datasets no longer needed (DELETE /datasets/{id}, admin)",
+                type="datasets_budget_exceeded",
+            )
+        return store.put_dataset(jsonl, len(rows)).to_dict()
 
     return await asyncio.to_thread(parse_and_store)
 
@@ -96,3 +107,11 @@ def list_datasets(_: ReadAccess, store: StoreDep) -> dict:
 @router.get("/datasets/{dataset_id}", response_model=DatasetInfo, summary="One dataset", responses=error_responses(404))
 def get_dataset(dataset_id: str, _: ReadAccess, store: StoreDep) -> dict:
     return store.dataset_info(dataset_id).to_dict()
+
+
+@router.delete("/datasets/{dataset_id}", response_model=Deleted, summary="Delete a dataset (admin)", responses=error_responses(404))
+def delete_dataset(dataset_id: str, _: AdminAccess, store: StoreDep) -> dict:
+    """Frees its share of the datasets budget. Skills and adapters built from it keep its sha256 in their
+    manifests; jobs that still need it fail with `unknown_dataset`."""
+    store.delete_dataset(dataset_id)
+    return {"deleted": {"dataset": dataset_id}}

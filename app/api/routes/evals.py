@@ -1,4 +1,5 @@
-"""Evaluations: pass@1 on verified QA, base vs skill (a job; the finished job holds the report)."""
+"""Evaluations: pass@1 on verified QA of several arms (base, skill, source, controls, custom arms), each paired with
+the base on the same questions (a job; the finished job holds the report, and it is kept beside the adapter)."""
 
 from __future__ import annotations
 

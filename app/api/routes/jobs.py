@@ -31,7 +31,7 @@ def list_jobs(
     _: ReadAccess,
     jobs: JobsDep,
     state: Annotated[Literal["queued", "started", "finished", "failed", "canceled"] | None, Query()] = None,
-    kind: Annotated[Literal["extract", "tune", "eval"] | None, Query()] = None,
+    kind: Annotated[Literal["source", "extract", "tune", "eval"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     return {"jobs": jobs.list(state=state, kind=kind, limit=limit)}

@@ -11,7 +11,7 @@ from app.api.schemas import ErrorResponse, Liveness, Readiness
 router = APIRouter(tags=["probes"])
 
 
-@router.get("/livez", response_model=Liveness, summary="The process is up")
+@router.get("/livez", response_model=Liveness, summary="The process is up (GET or HEAD)")
 def livez() -> dict:
     return {"status": "ok"}
 
@@ -19,7 +19,7 @@ def livez() -> dict:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Redis reachable, store reachable, default model loaded",
+    summary="Redis reachable, store reachable, default model loaded (GET or HEAD)",
     responses={503: {"model": ErrorResponse, "description": "Not ready; `checks` says which check failed."}},
 )
 def readyz(request: Request, settings: SettingsDep, store: StoreDep, generation: GenerationDep):
@@ -47,6 +47,11 @@ def readyz(request: Request, settings: SettingsDep, store: StoreDep, generation:
     if failed:
         return error_response(request, 503, "not_ready", f"not ready: {', '.join(failed)}", checks=checks)
     return {"status": "ready", "checks": checks}
+
+
+# Gateways and load balancers probe with HEAD too.
+router.add_api_route("/livez", livez, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

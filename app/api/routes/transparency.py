@@ -19,24 +19,25 @@ from fastapi.responses import Response
 
 from app.api.deps import CatalogDep, GenerateAccess, GenerationDep, ReadAccess, SettingsDep, StoreDep
 from app.api.errors import Conflict, Invalid, NotFound, TooLarge
-from app.api.schemas import InspectRequest, InspectResponse, LatentCardView, LayerReport, error_responses
+from app.api.schemas import InspectRequest, InspectResponse, LatentCardView, LatentList, LayerReport, error_responses
+from resa_engine.artifacts import Skill, sae_subdir
+from resa_engine.errors import SkillError
 
 router = APIRouter(tags=["transparency"], responses=error_responses(401, 403, 422))
 IMAGE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 
 
-def _sae_dir(layer: int) -> str:
-    return f"sae/layers.{layer}"  # resa_engine.skill.sae_subdir, without importing torch here
+def _skill(store, name: str) -> Skill:
+    """The stored skill's metadata (a manifest of the wrong shape is a 409, like any corrupt artifact)."""
+    return Skill(name, store.manifest("skill", (name,)))
 
 
-def _layer(name: str, manifest: dict, layer: int | None) -> int:
+def _layer(skill: Skill, layer: int | None) -> int:
     """The requested layer if the skill has an SAE there, else its default layer."""
-    layers = [int(i) for i in manifest.get("layers") or []]
-    if layer is None:
-        return int(manifest["default_layer"])
-    if layer not in layers:
-        raise Invalid(f"skill {name!r} has no SAE at layer {layer} (layers: {layers})", type="invalid_layer")
-    return layer
+    try:
+        return skill.layer(layer)
+    except SkillError as exc:
+        raise Invalid(str(exc), type="invalid_layer") from None
 
 
 @router.post(
@@ -51,19 +52,18 @@ async def inspect(
     """Runs `model` up to the skill's layer on the prompt and encodes each token's residual with
     the skill's SAE. 404 unknown skill or model; 422 a layer the skill has no SAE at; 409 when
     the model's hidden size is not the SAE's width."""
-    manifest = await asyncio.to_thread(store.manifest, "skill", (name,))
+    skill = await asyncio.to_thread(_skill, store, name)
     catalog.spec(body.model)
-    layer = _layer(name, manifest, body.layer)
+    layer = _layer(skill, body.layer)
     info = await asyncio.to_thread(catalog.describe, body.model)
-    if int(manifest["d_in"]) != int(info.hidden_size):
-        raise Conflict(
-            f"skill {name!r} SAE width {manifest['d_in']} does not match {body.model} hidden size {info.hidden_size}",
-            type="incompatible_skill",
-        )
-    sae = await asyncio.to_thread(_load_sae, store, name, manifest, layer)
+    try:
+        skill.check_fits(body.model, info.hidden_size, info.num_layers, layer)
+    except SkillError as exc:
+        raise Conflict(str(exc), type="incompatible_skill") from None
+    sae = await asyncio.to_thread(_load_sae, store, skill, layer)
 
     def run(model):
-        from resa_engine.transparency import inspect_prompt
+        from resa_engine.transparency.inspect import inspect_prompt
 
         n = len(model.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
         if n > settings.max_prompt_tokens:
@@ -77,11 +77,86 @@ async def inspect(
     return {"skill": name, "model": body.model, "layer": layer, "tokens": [t.to_dict() for t in tokens]}
 
 
-def _load_sae(store, name: str, manifest: dict, layer: int):
+def _load_sae(store, skill: Skill, layer: int):
     """The layer's SAE on the CPU, from a checksum-verified copy (moved to the model's device under its lock)."""
-    from resa_engine.skill import Skill
+    return Skill(skill.name, skill.manifest, store.fetch("skill", (skill.name,))).sae(layer, device="cpu")
 
-    return Skill(name, store.fetch("skill", (name,)), manifest).sae(layer, device="cpu")
+
+def _cards(store, name: str, layer: int | None):
+    """(skill, layer, LatentCards) from the cards computed at extraction (`sae/layers.<i>/latents.json`)."""
+    from resa_engine.transparency.cards import load_cards
+
+    skill = _skill(store, name)
+    layer = _layer(skill, layer)
+    rel = f"{sae_subdir(layer)}/latents.json"
+    if rel not in (skill.manifest.get("files") or {}):
+        raise NotFound(f"skill {name!r} has no latent cards for layer {layer} (extracted without them)", type="no_latent_cards")
+    folder = store.fetch("skill", (name,))  # verifies every file, latents.json included
+    try:
+        return skill, layer, load_cards(folder / sae_subdir(layer))
+    except ValueError as exc:
+        raise Conflict(f"skill {name!r}: latent cards unreadable: {exc}", type="artifact_corrupt") from None
+
+
+LayerQuery = Annotated[int | None, Query(ge=0, description="SAE layer; default the skill's default layer.")]
+
+
+@router.get(
+    "/skills/{name}/latents",
+    response_model=LatentList,
+    summary="Browse and search a layer's latents: density, activation, top tokens, reasoning features",
+    responses=error_responses(404, 409),
+)
+def list_latents(
+    name: str,
+    _: ReadAccess,
+    store: StoreDep,
+    layer: LayerQuery = None,
+    sort: Annotated[Literal["density", "index", "activation"], Query(description="Order by firing density, index or mean activation.")] = "density",
+    order: Annotated[Literal["desc", "asc"], Query()] = "desc",
+    q: Annotated[str | None, Query(max_length=200, description="Only latents with this text (case-insensitive) in a top context.")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> dict:
+    """Live latents only (dead ones have no card); `density_histogram` is the layer's log10 density of live
+    latents, whatever the filter. Reasoning features (paper §5) are marked."""
+    skill, layer, cards = _cards(store, name, layer)
+    metrics = (skill.manifest.get("metrics") or {}).get(str(layer)) or {}
+    reasoning = set(metrics.get("reasoning_latents") or []) if isinstance(metrics, dict) else set()
+    needle = q.casefold() if q else None
+    found = [
+        c for c in cards.cards.values()
+        if needle is None or any(needle in f"{x.before}{x.token}{x.after}".casefold() for x in c.contexts)
+    ]  # fmt: skip
+    key = {"density": lambda c: (c.density, c.index), "index": lambda c: c.index, "activation": lambda c: (c.mean_activation, c.index)}[sort]
+    found.sort(key=key, reverse=order == "desc")
+    page = found[offset : offset + limit]
+    return {
+        "skill": name, "layer": layer, "num_latents": cards.num_latents, "num_tokens": cards.num_tokens, "live": cards.live,
+        "sort": sort, "order": order, "q": q, "offset": offset, "limit": limit, "total": len(found),
+        "latents": [
+            {
+                "index": c.index, "density": c.density, "mean_activation": c.mean_activation,
+                "max_activation": max((x.activation for x in c.contexts), default=0.0),
+                "top_tokens": list(dict.fromkeys(x.token for x in c.contexts))[:3], "reasoning": c.index in reasoning,
+            }
+            for c in page
+        ],
+        "density_histogram": _density_histogram([c.density for c in cards.cards.values()], cards.num_latents - cards.live),
+    }  # fmt: skip
+
+
+def _density_histogram(densities: list[float], dead: int, bins: int = 12) -> dict:
+    """Counts of live latents by log10 density, in equal bins from the rarest to 1."""
+    import math
+
+    logs = [math.log10(d) for d in densities if d > 0]
+    lo = math.floor(min(logs)) if logs else -3.0
+    edges = [lo + (0 - lo) * i / bins for i in range(bins + 1)]
+    counts = [0] * bins
+    for v in logs:
+        counts[min(bins - 1, int((v - lo) / (0 - lo) * bins))] += 1
+    return {"edges": edges, "counts": counts, "dead": dead}
 
 
 @router.get(
@@ -90,28 +165,9 @@ def _load_sae(store, name: str, manifest: dict, layer: int):
     summary="One SAE latent's card: density, mean activation, top contexts",
     responses=error_responses(404, 409),
 )
-def latent_card(
-    name: str,
-    index: int,
-    _: ReadAccess,
-    store: StoreDep,
-    layer: Annotated[int | None, Query(ge=0, description="SAE layer; default the skill's default layer.")] = None,
-) -> dict:
-    """From the cards computed at extraction over the skill's held-out data (`sae/layers.<i>/latents.json`).
-    A dead latent has density 0 and no contexts. 404 when the skill has no cards; 422 an index out of range."""
-    manifest = store.manifest("skill", (name,))
-    layer = _layer(name, manifest, layer)
-    rel = f"{_sae_dir(layer)}/latents.json"
-    if rel not in (manifest.get("files") or {}):
-        raise NotFound(f"skill {name!r} has no latent cards for layer {layer} (extracted without them)", type="no_latent_cards")
-    folder = store.fetch("skill", (name,))  # verifies every file, latents.json included
-
-    from resa_engine.transparency import load_cards
-
-    try:
-        cards = load_cards(folder / _sae_dir(layer))
-    except ValueError as exc:
-        raise Conflict(f"skill {name!r}: latent cards unreadable: {exc}", type="artifact_corrupt") from None
+def latent_card(name: str, index: int, _: ReadAccess, store: StoreDep, layer: LayerQuery = None) -> dict:
+    """A dead latent has density 0 and no contexts. 404 when the skill has no cards; 422 an index out of range."""
+    skill, layer, cards = _cards(store, name, layer)
     try:
         card = cards.card(index)
     except ValueError as exc:
@@ -121,6 +177,7 @@ def latent_card(
         "layer": layer,
         "num_latents": cards.num_latents,
         "num_tokens": cards.num_tokens,
+        "reasoning": index in set(((skill.manifest.get("metrics") or {}).get(str(layer)) or {}).get("reasoning_latents") or []),
         **card.to_dict(),
     }
 
@@ -142,9 +199,9 @@ def report(
 ):
     """From the skill's manifest metrics alone (no model runs): which layer carries the skill best,
     and where the reasoning features are. A figure the manifest lacks is null."""
-    from resa_engine.transparency import layer_report, render_report_png, render_report_svg
+    from resa_engine.transparency.report import layer_report, render_report_png, render_report_svg
 
-    manifest = store.manifest("skill", (name,))
+    manifest = _skill(store, name).manifest
     metrics = manifest.get("metrics") or {}
     counts = {
         int(layer): int(m["reasoning_features"])

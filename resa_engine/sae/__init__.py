@@ -1,0 +1,1 @@
+"""The hookpoint and the SAE at it: capture, splice (encode -> edit -> decode), latent edits, loading."""
