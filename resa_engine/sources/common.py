@@ -30,6 +30,18 @@ class SourceLora:
     seed: int = 0
     """Seeds the LoRA init, the data order and any sampling."""
 
+    def peft_config(self):
+        """This LoRA as PEFT's LoraConfig (imports peft, and so torch, only when called)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=list(self.target_modules), task_type="CAUSAL_LM"
+        )
+
+    def manifest(self) -> dict:
+        """The manifest's `lora` entry, the same for every source."""
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout, "target_modules": list(self.target_modules)}
+
 
 @dataclass
 class SourceResult:
@@ -74,7 +86,3 @@ def save_lora_folder(peft_model, out_dir: Path, model_name: str) -> Path:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return out_dir
 
-
-def lora_manifest(r: int, alpha: float, dropout: float, target_modules: list[str]) -> dict:
-    """The manifest's `lora` entry, the same for every source."""
-    return {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}

@@ -29,7 +29,7 @@ from ..answers import extract_answer, is_correct
 from ..data import QARow
 from ..errors import ModelError
 from ..progress import ProgressFn, ProgressTracker, StopFn
-from .common import SourceLora, SourceResult, head_tail_mean, lora_manifest, save_lora_folder
+from .common import SourceLora, SourceResult, head_tail_mean, save_lora_folder
 
 # Where evaluation ends a completion (EvalConfig.stop): the answer is complete, or the model starts
 # the next user turn. The reward reads a completion only up to there, as evaluation does.
@@ -129,7 +129,7 @@ def train_grpo_lora(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every object is passed in: nothing may be fetched
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
     with _quiet():
@@ -168,13 +168,7 @@ def train_grpo_lora(
     on_cpu = model.device.type == "cpu"
     bf16 = model.dtype == torch.bfloat16 and not on_cpu
     dataset = Dataset.from_dict({"prompt": [eval_prompt(r.question) for r in rows], "answer": [r.answer for r in rows]})
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
-    )
+    lora = cfg.peft_config()
     peft_model = None
     try:
         with tempfile.TemporaryDirectory(prefix="resa-grpo-") as tmp, _quiet():
@@ -239,7 +233,7 @@ def train_grpo_lora(
     manifest = {
         "origin": "grpo",
         "target": {"model": model.name, "sha256": model.sha256},
-        "lora": lora_manifest(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.target_modules)),
+        "lora": cfg.manifest(),
         "train": {
             **asdict(cfg),
             "steps": steps,

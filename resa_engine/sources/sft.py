@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..data import QARow, resa_completion, resa_prompt
 from ..progress import ProgressFn, ProgressTracker, StopFn
-from .common import SourceLora, SourceResult, head_tail_mean, lora_manifest, save_lora_folder
+from .common import SourceLora, SourceResult, head_tail_mean, save_lora_folder
 
 if TYPE_CHECKING:  # torch loads when training starts: the config checks a request without it
     import torch
@@ -76,18 +76,12 @@ def train_sft_lora(
 ) -> SourceResult:
     """Fit a LoRA with SFT and save it as a plain PEFT folder in `out_dir`."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if not rows:
         raise ValueError("SFT needs at least one row")
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
-    )
+    lora = cfg.peft_config()
     peft_model = get_peft_model(model.model, lora)
     try:
         encoded = _encode(model.tokenizer, rows)
@@ -126,7 +120,7 @@ def train_sft_lora(
     manifest = {
         "origin": "sft",
         "target": {"model": model.name, "sha256": model.sha256},
-        "lora": lora_manifest(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.target_modules)),
+        "lora": cfg.manifest(),
         "train": {**asdict(cfg), "steps": step, "rows": len(rows)},
         "seed": cfg.seed,
         "loss_start": head,
