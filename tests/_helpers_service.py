@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +76,10 @@ def service_env(tmp: Path, models_file: Path, cache_dir: Path, redis_url: str, *
     return env
 
 
-def start_service(tmp: Path, models_file: Path, cache_dir: Path, redis_url: str, *, worker: bool = True, **extra):
-    """Set the environment, build the app and (optionally) start a worker; a generator for fixtures."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
+@contextmanager
+def configured_service(tmp: Path, models_file: Path, cache_dir: Path, redis_url: str, *, kind: "type[Service] | None" = None, worker: bool = True, **extra):
+    """The environment set (service_env + extra), settings read from it, a `kind` (Service by default)
+    around them and, optionally, a worker; undone on exit. The app is the caller's to build."""
     from app.settings import Settings, get_settings
 
     env = service_env(tmp, models_file, cache_dir, redis_url, **extra)
@@ -88,16 +88,26 @@ def start_service(tmp: Path, models_file: Path, cache_dir: Path, redis_url: str,
             mp.setenv(key, value)
         get_settings.cache_clear()
         settings = Settings()
-        service = Service(settings=settings, env={**os.environ}, root=tmp)
+        service = (kind or Service)(settings=settings, env={**os.environ}, root=tmp)
         if worker:
             service.start_worker()
         try:
-            with TestClient(create_app(settings)) as client:
-                service.client = client
-                yield service
+            yield service
         finally:
             service.stop_workers()
             get_settings.cache_clear()
+
+
+def start_service(tmp: Path, models_file: Path, cache_dir: Path, redis_url: str, *, worker: bool = True, **extra):
+    """Set the environment, build the app and (optionally) start a worker; a generator for fixtures."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with configured_service(tmp, models_file, cache_dir, redis_url, worker=worker, **extra) as service:
+        with TestClient(create_app(service.settings)) as client:
+            service.client = client
+            yield service
 
 
 def upload_rows(client, rows) -> str:

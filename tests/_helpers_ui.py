@@ -7,14 +7,13 @@ is an httpx client on the same server (with the admin key), so `Service.wait_job
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from _helpers_service import Service, UvicornThread, service_env
+from _helpers_service import Service, UvicornThread, configured_service
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 DRIVERS = ("chromedriver", "chromium-driver")
@@ -31,20 +30,12 @@ def start_ui_service(tmp: Path, models_file: Path, cache_dir: Path, redis_url: s
     import httpx
 
     from app.main import create_app
-    from app.settings import Settings, get_settings
     from conftest import free_port
 
-    env = service_env(tmp, models_file, cache_dir, redis_url, RESA_API_KEYS=api_keys, RESA_DEVICE="cpu", **extra)
     admin = next((k.split(":")[0] for k in api_keys.split(",") if k.endswith(":admin")), None)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        get_settings.cache_clear()
-        settings = Settings()
-        service = UiService(settings=settings, env={**os.environ}, root=tmp)
-        if worker:
-            service.start_worker()
-        server = UvicornThread(create_app(settings), free_port()).start()
+    extra.update(RESA_API_KEYS=api_keys, RESA_DEVICE="cpu")
+    with configured_service(tmp, models_file, cache_dir, redis_url, kind=UiService, worker=worker, **extra) as service:
+        server = UvicornThread(create_app(service.settings), free_port()).start()
         service.url = server.url
         headers = {"Authorization": f"Bearer {admin}"} if admin else {}
         try:
@@ -53,8 +44,6 @@ def start_ui_service(tmp: Path, models_file: Path, cache_dir: Path, redis_url: s
                 yield service
         finally:
             server.stop()
-            service.stop_workers()
-            get_settings.cache_clear()
 
 
 def find_browser() -> tuple[str, str] | None:
